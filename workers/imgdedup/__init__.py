@@ -1,0 +1,3 @@
+"""imgdedup: streaming image deduplication (Kafka in, verdicts out, indexes in Redis)."""
+
+__version__ = "0.1.0"
