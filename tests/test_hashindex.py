@@ -1,0 +1,183 @@
+"""PHashIndex against a real Redis: exact radius search (NumPy brute force is the oracle), capping,
+removal and namespace isolation."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import REGISTRY
+
+from imgdedup.hashindex import PHashIndex, parse_record_field
+from imgdedup.keys import Keys
+from imgdedup.mih import probe_count
+
+MAX = (1 << 64) - 1
+#: (tables, radius) pairs cheap enough for a property test (every table count, radii 0..16).
+CASES = [(m, r) for m in (1, 2, 4, 8, 16) for r in range(17) if probe_count(r, m) <= 5000]
+_namespaces = itertools.count()
+
+
+def brute_force(ids: list[str], hashes: list[int], query: int, radius: int) -> list[tuple[str, int]]:
+    """The oracle: a full popcount scan, sorted by (distance, image_id)."""
+    dist = np.bitwise_count(np.array(hashes, dtype=np.uint64) ^ np.uint64(query))
+    return sorted(((ids[i], int(dist[i])) for i in np.flatnonzero(dist <= radius)), key=lambda m: (m[1], m[0]))
+
+
+def _flip(value: int, bits: list[int]) -> int:
+    for bit in bits:
+        value ^= 1 << bit
+    return value
+
+
+@st.composite
+def skewed_hashes(draw) -> list[int]:
+    """Clusters around a few centres (all-zero and all-one among them), exact duplicates, 1-bit
+    neighbours, plus a few uniform hashes."""
+    centres = draw(st.lists(st.one_of(st.just(0), st.just(MAX), st.integers(0, MAX)), min_size=1, max_size=4))
+    hashes = []
+    for centre in centres:
+        for _ in range(draw(st.integers(1, 12))):
+            flips = draw(st.lists(st.integers(0, 63), max_size=draw(st.sampled_from([0, 1, 1, 3, 6, 12]))))
+            hashes.append(_flip(centre, flips))
+    return hashes + draw(st.lists(st.integers(0, MAX), max_size=6))
+
+
+@st.composite
+def index_cases(draw):
+    hashes = draw(skewed_hashes())
+    tables, _ = draw(st.sampled_from(CASES))
+    radii = [r for m, r in CASES if m == tables]
+    queries = []
+    for _ in range(draw(st.integers(1, 6))):
+        base = draw(st.sampled_from(hashes + [0, MAX]))
+        near = _flip(base, draw(st.lists(st.integers(0, 63), max_size=10)))
+        queries.append((draw(st.sampled_from([base, near, draw(st.integers(0, MAX))])), draw(st.sampled_from(radii))))
+    return hashes, tables, queries
+
+
+@given(case=index_cases(), direct=st.booleans())
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_query_returns_exactly_the_brute_force_set(redis_client, key_prefix, case, direct):
+    hashes, tables, queries = case
+    ns = f"prop{next(_namespaces)}"
+    index = PHashIndex(redis_client, Keys(key_prefix), tables, bucket_cap=10**9, direct_reads=direct)
+    ids = [f"img-{i}" if i % 3 else f"bild-ü{i}" for i in range(len(hashes))]
+    added = index.add(ns, list(zip(ids, hashes)))
+    assert all(not a.capped for a in added)
+    results = index.query(ns, queries)
+    assert len(results) == len(queries)
+    for (query, radius), result in zip(queries, results):
+        expected = brute_force(ids, hashes, query, radius)
+        assert result.matches == expected
+        assert result.probes == probe_count(radius, tables)
+        assert len(expected) <= result.candidates <= len(hashes)
+
+
+def test_both_read_paths_with_a_shared_bucket_batch(redis_client, key_prefix):
+    """Several queries in one batch share buckets; the pipeline and direct paths agree with the oracle."""
+    rng = np.random.default_rng(7)
+    centre = int(rng.integers(0, MAX, dtype=np.uint64))
+    hashes = [_flip(centre, rng.choice(64, size=k, replace=False).tolist()) for k in rng.integers(0, 9, 300)]
+    ids = [f"i{i}" for i in range(len(hashes))]
+    queries = [(h, 8) for h in hashes[:20]] + [(centre, 10), (centre, 0)]
+    answers = []
+    for direct in (True, False):
+        index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap=10**6, direct_reads=direct)
+        index.add("shared", list(zip(ids, hashes)))
+        answers.append([r.matches for r in index.query("shared", queries)])
+    assert answers[0] == answers[1] == [brute_force(ids, hashes, q, r) for q, r in queries]
+    assert any(len(a) > 1 for a in answers[0])
+
+
+def test_query_result_excludes_self_and_empty_cases(redis_client, key_prefix):
+    index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap=100)
+    assert index.add("ns", []) == [] and index.query("ns", []) == []
+    assert index.query("ns", [(123, 8)])[0].matches == []
+    index.add("ns", [("a", 0xFF), ("b", 0xFE)])
+    (result,) = index.query("ns", [(0xFF, 2)])
+    assert result.matches == [("a", 0), ("b", 1)]
+    assert result.excluding("a") == [("b", 1)]
+
+
+def _capped_count() -> float:
+    return REGISTRY.get_sample_value("imgdedup_mih_capped_buckets_total") or 0.0
+
+
+def test_full_bucket_never_grows_and_is_reported(redis_client, key_prefix):
+    keys = Keys(key_prefix)
+    index = PHashIndex(redis_client, keys, 4, bucket_cap=3)
+    rng = np.random.default_rng(1)
+    # Same top 16 bits (table 0 bucket "abcd"), random elsewhere (their own buckets in tables 1-3).
+    hashes = [(0xABCD << 48) | int(v) for v in rng.integers(0, 1 << 48, 10)]
+    items = [(f"c{i}", h) for i, h in enumerate(hashes)]
+    before = _capped_count()
+    results = index.add("ns", items[:6]) + [index.add("ns", [item])[0] for item in items[6:]]
+    bucket = keys.mih_bucket("ns", 0, "abcd")
+    assert redis_client.scard(bucket) == 3
+    assert [r.capped for r in results] == [[]] * 3 + [[0]] * 7
+    assert all(r.substrings[0] == "" and all(r.substrings[1:]) for r in results[3:])
+    assert _capped_count() - before == 7
+    assert index.sizes("ns") == {"buckets": 1 + 3 * 10, "members": 3 + 30, "largest": 3}
+    # Re-adding is harmless: the written stay written, the refused stay refused.
+    assert index.add("ns", items) == results
+    assert redis_client.scard(bucket) == 3
+    # Capped images are still found through their other tables when the radius probes them.
+    assert {m[0] for m in index.query("ns", [(hashes[8], 3)])[0].matches} >= {"c8"}
+    # A removal frees a slot; the next add of a refused image takes it.
+    index.remove("ns", [("c0", hashes[0], results[0].substrings)])
+    assert index.add("ns", [items[9]])[0].capped == []
+    assert redis_client.scard(bucket) == 3
+    # Lowering the cap refuses new members but never evicts ones already written (their records
+    # say they are there).
+    smaller = PHashIndex(redis_client, keys, 4, bucket_cap=1)
+    assert [r.capped for r in smaller.add("ns", [items[1], items[2], items[3]])] == [[], [], [0]]
+    assert redis_client.scard(bucket) == 3
+
+
+def test_remove_takes_exactly_what_was_written(redis_client, key_prefix):
+    index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap=100)
+    items = [("a", 0x0123456789ABCDEF), ("b", 0x0123456789ABCDEE), ("c", MAX)]
+    written = index.add("ns", items)
+    assert parse_record_field(written[0].record_field()) == written[0].substrings == ["0123", "4567", "89ab", "cdef"]
+    assert index.sizes("ns")["members"] == 12
+    assert index.remove("ns", [("a", items[0][1], parse_record_field(written[0].record_field()))]) == 4
+    assert index.sizes("ns")["members"] == 8
+    assert index.remove("ns", [("a", items[0][1], written[0].substrings)]) == 0
+    (result,) = index.query("ns", [(items[0][1], 8)])
+    assert result.matches == [("b", 1)]
+    # A table that was capped ("") is skipped; nothing else of "c" is touched but its own members.
+    assert index.remove("ns", [("c", MAX, ["ffff", "", "ffff", "ffff"])]) == 3
+    assert [r.matches for r in index.query("ns", [(MAX, 3)])] == [[("c", 0)]]
+    assert index.remove("ns", []) == 0
+
+
+def test_namespaces_never_see_each_other(redis_client, key_prefix):
+    index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap=100)
+    hashes = [0, 1, MAX, 0xF0F0F0F0F0F0F0F0]
+    shop1 = index.add("shop1", [(f"s1-{i}", h) for i, h in enumerate(hashes)])
+    index.add("shop2", [(f"s2-{i}", h) for i, h in enumerate(hashes)])
+    assert {m[0] for r in index.query("shop1", [(h, 16) for h in hashes]) for m in r.matches} == {
+        f"s1-{i}" for i in range(4)}
+    index.remove("shop1", [(f"s1-{i}", h, w.substrings) for i, (h, w) in enumerate(zip(hashes, shop1))])
+    assert index.sizes("shop1") == {"buckets": 0, "members": 0, "largest": 0}
+    assert index.sizes("shop2")["members"] == 16
+    assert [r.matches for r in index.query("shop2", [(0, 0)])] == [[("s2-0", 0)]]
+
+
+def test_rejects_unusable_settings(redis_server, redis_client, key_prefix):
+    decoding = redis.Redis.from_url(redis_server.address, decode_responses=True)
+    with pytest.raises(ValueError, match="decode_responses"):
+        PHashIndex(decoding, Keys(key_prefix), 4, 100)
+    decoding.close()
+    index = PHashIndex(redis_client, Keys(key_prefix), 1, 100)
+    with pytest.raises(ValueError, match="max_probes"):
+        index.query("ns", [(0, 8)])
+    with pytest.raises(ValueError, match="64-bit"):
+        index.add("ns", [("x", 1 << 64)])
+    with pytest.raises(ValueError):
+        PHashIndex(redis_client, Keys(key_prefix), 3, 100)
