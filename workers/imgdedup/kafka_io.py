@@ -1,0 +1,105 @@
+"""Kafka client settings and the small produce/consume helpers the CLI, eval and tests share.
+
+The worker's delivery guarantee is at-least-once with idempotent processing: an idempotent producer
+(no duplicates from producer retries), offsets stored only after the broker acknowledged the verdict,
+and replays answered from the stored decision.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+from confluent_kafka import Consumer, KafkaError, Producer
+
+from imgdedup import messages
+from imgdedup.config import Settings
+
+
+def producer_config(settings: Settings, **extra) -> dict:
+    return {
+        **settings.kafka_common(),
+        "enable.idempotence": True,  # implies acks=all and ordered, de-duplicated retries
+        "linger.ms": 5,
+        "client.id": "imgdedup",
+        **extra,
+    }
+
+
+def consumer_config(settings: Settings, group: str | None = None, **extra) -> dict:
+    return {
+        **settings.kafka_common(),
+        "group.id": group or settings.consumer_group,
+        "enable.auto.commit": True,  # commits what we *stored*; storing waits for the verdict's ack
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "max.poll.interval.ms": settings.max_poll_interval_ms,
+        "client.id": "imgdedup",
+        **extra,
+    }
+
+
+def produce_events(settings: Settings, events: list[dict], on_progress=None) -> None:
+    """Publish image-event documents to the input topic, keyed namespace/image_id; raises on a failed delivery."""
+    producer = Producer(producer_config(settings))
+    failures: list[str] = []
+
+    def delivered(err, msg):
+        if err is not None:
+            failures.append(f"{msg.key()!r}: {err}")
+        elif on_progress:
+            on_progress(1)
+
+    for event in events:
+        key = messages.record_key(event.get("namespace", "default"), event["image_id"])
+        while True:
+            try:
+                producer.produce(settings.input_topic, messages.encode(event), key, on_delivery=delivered)
+                break
+            except BufferError:  # local queue full: serve callbacks, then retry
+                producer.poll(0.1)
+        producer.poll(0)
+    remaining = producer.flush(60)
+    if failures or remaining:
+        raise RuntimeError(f"{len(failures) + remaining} events not delivered: {failures[:3]}")
+
+
+def iter_topic(settings: Settings, topic: str, *, from_beginning: bool = True, follow: bool = False,
+               idle_timeout_s: float = 5.0, deadline: float | None = None) -> Iterator[dict]:
+    """JSON documents of a topic, read with a throw-away consumer group (nothing is committed).
+
+    Stops after `idle_timeout_s` without a message (unless following) or at the monotonic `deadline`."""
+    consumer = Consumer({**settings.kafka_common(), "group.id": f"imgdedup-reader-{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest" if from_beginning else "latest",
+                         "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    last = time.monotonic()
+    try:
+        while (follow or time.monotonic() - last < idle_timeout_s) and (
+                deadline is None or time.monotonic() < deadline):
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    raise RuntimeError(f"reading {topic}: {msg.error()}")
+                continue
+            last = time.monotonic()
+            yield json.loads(msg.value())
+    finally:
+        consumer.close()
+
+
+def consume_verdicts(settings: Settings, expected: int, timeout_s: float = 60.0,
+                     topic: str | None = None) -> list[dict]:
+    """Read until `expected` documents arrived from the verdict topic (or another), or the timeout passed."""
+    out: list[dict] = []
+    for doc in iter_topic(settings, topic or settings.verdict_topic, follow=True,
+                          deadline=time.monotonic() + timeout_s):
+        out.append(doc)
+        if len(out) >= expected:
+            break
+    return out

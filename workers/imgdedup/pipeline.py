@@ -1,0 +1,257 @@
+"""The processing pipeline, independent of Kafka: records in, verdicts and dead letters out.
+
+Stages: parse -> fetch -> decode -> hash features -> embed (batched) -> index write/commit/query ->
+verdict. The worker feeds it consumer batches; `imgdedup eval` feeds it events directly, so the
+numbers eval reports come from this very code.
+
+Failures of one event (bad input, a corrupt image, a bug triggered by one image) become that event's
+dead letter; transient Redis errors propagate so the caller retries the whole batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from imgdedup import messages, metrics
+from imgdedup.config import Settings
+from imgdedup.decode import decode
+from imgdedup.errors import DeadLetterError, ErrorCode
+from imgdedup.features import hash_features, phash_hex
+from imgdedup.fetch import Fetcher
+from imgdedup.store import ImageFeatures, IndexStore
+
+log = logging.getLogger(__name__)
+
+#: Version of the pHash definition recorded in verdicts (imagehash.phash, hash_size 8, highfreq 4).
+PHASH_VERSION = "imagehash-phash-8x4"
+
+#: Exceptions that mean "Redis is unavailable right now": retry the batch, never dead-letter it.
+TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.TryAgainError,
+                    redis.ClusterDownError)
+
+
+@dataclass
+class Features:
+    sha256: str
+    phash: int
+    low_detail: bool
+    detail: float
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class InputRecord:
+    """One consumed record; topic/partition/offset are None when not from Kafka (eval, tests)."""
+
+    value: bytes | None
+    key: bytes | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+
+@dataclass
+class Output:
+    kind: str  # "verdict" | "dead_letter"
+    key: bytes | None
+    message: dict
+    source: InputRecord
+
+
+def connect_redis(settings: Settings) -> redis.Redis:
+    url = settings.redis_url.get_secret_value()
+    if settings.redis_cluster:
+        return redis.RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
+
+
+class FeatureExtractor:
+    """Bytes to features, with the same code for the worker and for eval."""
+
+    def __init__(self, settings: Settings, embedders: list | None = None):
+        self.settings = settings
+        if embedders is None:
+            from imgdedup.embedders.registry import build_embedders
+
+            embedders = build_embedders(settings)
+        self.embedders = embedders
+        self.min_side = max([settings.sscd_input_size] if embedders else [0])
+        self.fetcher = Fetcher(settings)
+        self.pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="decode")
+        self.versions = {"phash": PHASH_VERSION} | {e.name: e.version for e in embedders}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.fetcher.close()
+
+    def extract(self, blobs: list[bytes]) -> list[Features | DeadLetterError]:
+        return self._finish(list(self.pool.map(self._hash_guarded, blobs)))
+
+    def extract_events(self, events: list[messages.ImageEvent]) -> list[Features | DeadLetterError]:
+        return self._finish(list(self.pool.map(self._fetch_and_hash, events)))
+
+    def _fetch_and_hash(self, event: messages.ImageEvent):
+        try:
+            with metrics.STAGE_SECONDS.labels("fetch").time():
+                data = self.fetcher.fetch(event.image)
+        except DeadLetterError as exc:
+            return exc
+        except Exception as exc:  # a fetch bug must not take the batch down
+            log.exception("fetch failed unexpectedly for event %s", event.event_id)
+            return DeadLetterError(ErrorCode.INTERNAL_ERROR, f"fetch: {type(exc).__name__}: {exc}")
+        return self._hash_guarded(data)
+
+    def _hash_guarded(self, data: bytes):
+        try:
+            with metrics.STAGE_SECONDS.labels("decode").time():
+                decoded = decode(data, self.settings, min_side=self.min_side)
+            with metrics.STAGE_SECONDS.labels("hash").time():
+                hashed = hash_features(data, decoded, self.settings)
+        except DeadLetterError as exc:
+            return exc
+        except Exception as exc:
+            log.exception("decode/hash failed unexpectedly")
+            return DeadLetterError(ErrorCode.INTERNAL_ERROR, f"decode: {type(exc).__name__}: {exc}")
+        features = Features(hashed.sha256, hashed.phash, hashed.low_detail, hashed.detail, versions=self.versions)
+        return features, decoded.image
+
+    def _finish(self, prepared: list) -> list[Features | DeadLetterError]:
+        """Embed every successfully decoded image in one batch per embedder."""
+        ok = [i for i, p in enumerate(prepared) if not isinstance(p, DeadLetterError)]
+        out: list = [p if isinstance(p, DeadLetterError) else p[0] for p in prepared]
+        for embedder in self.embedders if ok else []:
+            with metrics.STAGE_SECONDS.labels("embed").time():
+                try:
+                    vectors = embedder.embed([prepared[i][1] for i in ok])
+                except ValueError as exc:  # a rejected vector: fall back to one image at a time to isolate it
+                    vectors = self._embed_one_by_one(embedder, [prepared[i][1] for i in ok], exc)
+            for i, vector in zip(ok, vectors):
+                if vector is None:
+                    out[i] = DeadLetterError(ErrorCode.INTERNAL_ERROR, f"{embedder.name} produced an invalid vector")
+                elif not isinstance(out[i], DeadLetterError):
+                    out[i].vectors[embedder.name] = vector
+        return out
+
+    @staticmethod
+    def _embed_one_by_one(embedder, images, first_error) -> list[np.ndarray | None]:
+        log.warning("%s rejected a batch (%s); embedding one by one", embedder.name, first_error)
+        out = []
+        for image in images:
+            try:
+                out.append(embedder.embed([image])[0])
+            except ValueError:
+                out.append(None)
+        return out
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, client: redis.Redis | None = None, embedders: list | None = None):
+        self.settings = settings
+        self.client = client if client is not None else connect_redis(settings)
+        self.extractor = FeatureExtractor(settings, embedders)
+        vector_index = None
+        if self.extractor.embedders:
+            from imgdedup.keys import Keys
+            from imgdedup.vectorindex import build_vector_index
+
+            vector_index = build_vector_index(self.client, Keys(settings.key_prefix), settings)
+        self.store = IndexStore(self.client, settings, vector_index)
+
+    def close(self) -> None:
+        self.extractor.close()
+
+    # --- entry points --------------------------------------------------------------------------
+    def process_events(self, events: list[dict]) -> list[dict]:
+        """Run image-event documents through the pipeline; returns verdict or dead-letter documents in order."""
+        return [o.message for o in self.process([InputRecord(messages.encode(e)) for e in events])]
+
+    def process(self, records: list[InputRecord]) -> list[Output]:
+        parsed: list[messages.ImageEvent | Output] = [self._parse(r) for r in records]
+        results: dict[int, Output] = {i: p for i, p in enumerate(parsed) if isinstance(p, Output)}
+        events = [(i, p) for i, p in enumerate(parsed) if not isinstance(p, Output)]
+        for segment in _segments(events):
+            results.update(self._process_segment(segment, records))
+        return [results[i] for i in range(len(records))]
+
+    # --- stages --------------------------------------------------------------------------------
+    def _parse(self, record: InputRecord) -> messages.ImageEvent | Output:
+        try:
+            return messages.parse_event(record.value)
+        except DeadLetterError as exc:
+            return self._dead_letter(record, exc)
+
+    def _process_segment(self, segment, records) -> dict[int, Output]:
+        out: dict[int, Output] = {}
+        deletes = [(i, e) for i, e in segment if e.op == "delete"]
+        if deletes:
+            self.store.delete([(e.namespace, e.image_id) for _, e in deletes])
+            for i, e in deletes:
+                out[i] = self._verdict(records[i], e, "deleted", None, [], None, None, False, {})
+        upserts = [(i, e) for i, e in segment if e.op == "upsert"]
+        if not upserts:
+            return out
+        prior = self.store.records([(e.namespace, e.image_id) for _, e in upserts])
+        fresh = []
+        for (i, e), rec in zip(upserts, prior):
+            stored = self.store.stored_decision(rec, e.event_id)
+            if stored is not None:  # a redelivery: same verdict, no refetch
+                out[i] = self._verdict(records[i], e, stored.verdict, stored.duplicate_of, stored.matches,
+                                       rec["sha256"], rec["phash"], rec.get("low_detail") == "1",
+                                       self.extractor.versions)
+            else:
+                fresh.append((i, e, rec))
+        if not fresh:
+            return out
+        features = self.extractor.extract_events([e for _, e, _ in fresh])
+        ready = []
+        for (i, e, rec), f in zip(fresh, features):
+            if isinstance(f, DeadLetterError):
+                out[i] = self._dead_letter(records[i], f, e.event_id)
+            elif e.image.get("sha256") and e.image["sha256"] != f.sha256:
+                out[i] = self._dead_letter(records[i], DeadLetterError(
+                    ErrorCode.SHA256_MISMATCH, f"event says sha256 {e.image['sha256']}, bytes have {f.sha256}"),
+                    e.event_id)
+            else:
+                ready.append((i, e, rec, f))
+        if ready:
+            items = [ImageFeatures(e.namespace, e.image_id, e.event_id, f.sha256, f.phash, f.low_detail, f.vectors)
+                     for _, e, _, f in ready]
+            indexed = self.store.index(items, [rec for _, _, rec, _ in ready])
+            for (i, e, _, f), res in zip(ready, indexed):
+                d = res.decision
+                if f.low_detail:
+                    metrics.LOW_DETAIL.inc()
+                out[i] = self._verdict(records[i], e, d.verdict, d.duplicate_of, d.matches, f.sha256,
+                                       phash_hex(f.phash), f.low_detail, f.versions)
+        return out
+
+    def _verdict(self, record, event, verdict, duplicate_of, matches, sha256, phash, low_detail, features) -> Output:
+        message = messages.make_verdict(event, verdict=verdict, duplicate_of=duplicate_of, matches=matches,
+                                        sha256=sha256, phash=phash, low_detail=low_detail, features=features)
+        return Output("verdict", event.key, message, record)
+
+    def _dead_letter(self, record: InputRecord, error: DeadLetterError, event_id: str | None = None) -> Output:
+        message = messages.make_dead_letter(error, key=record.key, value=record.value, topic=record.topic,
+                                            partition=record.partition, offset=record.offset, event_id=event_id)
+        return Output("dead_letter", record.key, message, record)
+
+
+def _segments(events: list[tuple[int, messages.ImageEvent]]):
+    """Consecutive runs of events in which no (namespace, image_id) appears twice, so events about the
+    same image are applied in their order while everything else is batched."""
+    segment, seen = [], set()
+    for i, event in events:
+        ident = (event.namespace, event.image_id)
+        if ident in seen:
+            yield segment
+            segment, seen = [], set()
+        segment.append((i, event))
+        seen.add(ident)
+    if segment:
+        yield segment

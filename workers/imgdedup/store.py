@@ -1,0 +1,253 @@
+"""The index store: image records, the exact (SHA-256) index, and the order in which the pHash and
+vector indexes are written, committed, queried and decided.
+
+Why write -> commit -> query -> decide. Each image is first written to every index, then *committed*:
+one atomic script gives it the next per-namespace sequence number and records it in the namespace's
+order hash. Queries only count candidates that are committed with a lower sequence number. For two
+near-duplicates X and Y processed at once, say X commits first: Y's query runs after Y's commit, so
+after X's commit, so after X's writes -- Y sees X with a lower sequence and is its duplicate; X may or
+may not see Y, but Y's sequence is higher, so X stays unique. Exactly one of them is unique. Had the
+sequence been taken before the writes, X (lower number, slow writes) and Y (quick) could both miss each
+other. A redelivered event commits to the same sequence number (the script returns the existing one),
+so a replay decides the same way; its stored decision is returned without even fetching the image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from imgdedup import metrics
+from imgdedup.config import Settings
+from imgdedup.hashindex import PHashIndex
+from imgdedup.keys import Keys
+from imgdedup.policy import Candidate, Decision, Evidence, decide
+
+# KEYS[1] = the namespace's sequence counter, KEYS[2] = its order hash; both carry the {ns} hash tag,
+# so this touches one cluster slot. Returns the image's sequence number, giving one only once.
+_COMMIT_LUA = """
+local seq = redis.call('HGET', KEYS[2], ARGV[1])
+if seq then return tonumber(seq) end
+seq = redis.call('INCR', KEYS[1])
+redis.call('HSET', KEYS[2], ARGV[1], seq)
+return seq
+"""
+
+
+@dataclass
+class ImageFeatures:
+    """What the store needs to index one image (built by the pipeline from the event and its features)."""
+
+    namespace: str
+    image_id: str
+    event_id: str
+    sha256: str
+    phash: int
+    low_detail: bool
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Indexed:
+    seq: int
+    decision: Decision
+
+
+class IndexStore:
+    def __init__(self, client: redis.Redis, settings: Settings, vector_index=None):
+        self.client = client
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.phash = PHashIndex(client, self.keys, settings.mih_tables, settings.mih_bucket_cap)
+        self.vectors = vector_index
+        self._commit = client.register_script(_COMMIT_LUA)
+        self._thresholds = {"sscd": settings.sscd_threshold, "clip": settings.clip_threshold}
+
+    # --- reading -------------------------------------------------------------------------------
+    def records(self, items: list[tuple[str, str]]) -> list[dict[str, str] | None]:
+        """The stored record of each (namespace, image_id), or None; one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for ns, image_id in items:
+            pipe.hgetall(self.keys.record(ns, image_id))
+        return [{k.decode(): v.decode() for k, v in rec.items()} or None for rec in pipe.execute()]
+
+    @staticmethod
+    def stored_decision(record: dict[str, str] | None, event_id: str) -> Decision | None:
+        """The decision already made for this very event (a redelivery), if any."""
+        if not record or record.get("event_id") != event_id or not record.get("decision"):
+            return None
+        return Decision(**json.loads(record["decision"]))
+
+    # --- indexing ------------------------------------------------------------------------------
+    def index(self, images: list[ImageFeatures], prior: list[dict[str, str] | None]) -> list[Indexed]:
+        """Write, commit, query and decide a batch of images (no image_id twice in one call)."""
+        replaced = [(img.namespace, img.image_id, rec) for img, rec in zip(images, prior)
+                    if rec and rec.get("sha256") != img.sha256]
+        if replaced:  # a new picture under an old id is a new image: drop every trace of the old one
+            self._remove(replaced)
+        with metrics.STAGE_SECONDS.labels("index_write").time():
+            self._write(images)
+            seqs = self._commit_all(images)
+        with metrics.STAGE_SECONDS.labels("index_query").time():
+            candidates = self._query(images)
+            self._resolve(images, candidates)
+        out = []
+        for img, seq, cands in zip(images, seqs, candidates):
+            decision = decide(seq, list(cands.values()), clip_is_duplicate_signal=self.settings.clip_is_duplicate_signal,
+                              max_matches=self.settings.max_matches)
+            out.append(Indexed(seq, decision))
+        self._save_decisions(images, out)
+        return out
+
+    def _write(self, images: list[ImageFeatures]) -> None:
+        now = str(int(time.time()))
+        pipe = self.client.pipeline(transaction=False)
+        for img in images:
+            key = self.keys.record(img.namespace, img.image_id)
+            pipe.hset(key, mapping={"image_id": img.image_id, "event_id": img.event_id, "sha256": img.sha256,
+                                    "phash": f"{img.phash:016x}", "low_detail": int(img.low_detail)})
+            pipe.hsetnx(key, "indexed_at", now)
+            pipe.sadd(self.keys.sha(img.namespace, img.sha256), img.image_id)
+        for ns in {img.namespace for img in images}:
+            pipe.sadd(self.keys.namespaces(), ns)
+        pipe.execute()
+
+        written: dict[int, dict[str, str]] = defaultdict(dict)
+        for ns, idx in _by_namespace(images).items():
+            hashed = [i for i in idx if not images[i].low_detail]
+            results = self.phash.add(ns, [(images[i].image_id, images[i].phash) for i in hashed]) if hashed else []
+            for i, result in zip(hashed, results):
+                written[i]["mih"] = ",".join(result.substrings)
+            for name in self._embedders(images, idx):
+                have = [i for i in idx if name in images[i].vectors]
+                locators = self.vectors.add(ns, name, [(images[i].image_id, images[i].vectors[name]) for i in have])
+                for i, loc in zip(have, locators):
+                    written[i]["vectors"] = ",".join(filter(None, [written[i].get("vectors", ""), loc]))
+        pipe = self.client.pipeline(transaction=False)
+        for i, img in enumerate(images):
+            fields = {"mih": "", "vectors": ""} | written.get(i, {})
+            pipe.hset(self.keys.record(img.namespace, img.image_id), mapping=fields)
+        pipe.execute()
+
+    def _commit_all(self, images: list[ImageFeatures]) -> list[int]:
+        pipe = self.client.pipeline(transaction=False)
+        for img in images:
+            self._commit(keys=[self.keys.seq(img.namespace), self.keys.order(img.namespace)],
+                         args=[img.image_id], client=pipe)
+        return [int(s) for s in pipe.execute()]
+
+    def _query(self, images: list[ImageFeatures]) -> list[dict[str, Candidate]]:
+        found: list[dict[str, Candidate]] = [{} for _ in images]
+
+        def add(i: int, evidence: Evidence) -> None:
+            if evidence.image_id != images[i].image_id:
+                found[i].setdefault(evidence.image_id, Candidate(evidence.image_id, None, None)).evidence.append(evidence)
+
+        pipe = self.client.pipeline(transaction=False)
+        for img in images:
+            pipe.smembers(self.keys.sha(img.namespace, img.sha256))
+        for i, members in enumerate(pipe.execute()):
+            for member in sorted(members):
+                add(i, Evidence(member.decode(), "sha256"))
+
+        for ns, idx in _by_namespace(images).items():
+            hashed = [i for i in idx if not images[i].low_detail]
+            results = self.phash.query(ns, [(images[i].phash, self.settings.phash_radius) for i in hashed]) if hashed else []
+            for i, result in zip(hashed, results):
+                for image_id, distance in result.matches:
+                    add(i, Evidence(image_id, "phash", distance=int(distance)))
+            for name in self._embedders(images, idx):
+                have = [i for i in idx if name in images[i].vectors]
+                with metrics.VECTOR_QUERY_SECONDS.labels(name).time():
+                    hits = self.vectors.query(ns, name, np.stack([images[i].vectors[name] for i in have]),
+                                              self.settings.vector_candidates + 1)
+                for i, neighbours in zip(have, hits):
+                    for image_id, similarity in neighbours:
+                        if similarity >= self._thresholds.get(name, 1.0):
+                            add(i, Evidence(image_id, name, similarity=float(similarity)))
+        return found
+
+    def _resolve(self, images: list[ImageFeatures], candidates: list[dict[str, Candidate]]) -> None:
+        """Fill in each candidate's sequence number (None if uncommitted) and canonical original."""
+        pipe = self.client.pipeline(transaction=False)
+        for img, cands in zip(images, candidates):
+            ids = list(cands)
+            if ids:
+                pipe.hmget(self.keys.order(img.namespace), ids)
+                for image_id in ids:
+                    pipe.hget(self.keys.record(img.namespace, image_id), "canonical")
+        replies = iter(pipe.execute())
+        for cands in candidates:
+            if not cands:
+                continue
+            seqs = next(replies)
+            for cand, seq in zip(cands.values(), seqs):
+                canonical = next(replies)
+                cand.seq = int(seq) if seq is not None else None
+                cand.canonical = canonical.decode() if canonical else None
+
+    def _save_decisions(self, images: list[ImageFeatures], results: list[Indexed]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for img, res in zip(images, results):
+            d = res.decision
+            pipe.hset(self.keys.record(img.namespace, img.image_id), mapping={
+                "canonical": d.duplicate_of or img.image_id,
+                "decision": json.dumps({"verdict": d.verdict, "duplicate_of": d.duplicate_of, "matches": d.matches},
+                                       separators=(",", ":")),
+            })
+        pipe.execute()
+
+    def _embedders(self, images: list[ImageFeatures], idx: list[int]) -> list[str]:
+        if self.vectors is None:
+            return []
+        return sorted({name for i in idx for name in images[i].vectors})
+
+    # --- deleting ------------------------------------------------------------------------------
+    def delete(self, items: list[tuple[str, str]]) -> list[bool]:
+        """Remove each (namespace, image_id) from every index; returns whether it existed."""
+        records = self.records(items)
+        self._remove([(ns, image_id, rec) for (ns, image_id), rec in zip(items, records) if rec])
+        return [rec is not None for rec in records]
+
+    def _remove(self, items: list[tuple[str, str, dict[str, str]]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for ns, image_id, rec in items:
+            pipe.srem(self.keys.sha(ns, rec["sha256"]), image_id)
+            pipe.hdel(self.keys.order(ns), image_id)
+            pipe.delete(self.keys.record(ns, image_id))
+        pipe.execute()
+        by_ns: dict[str, list] = defaultdict(list)
+        for ns, image_id, rec in items:
+            by_ns[ns].append((image_id, rec))
+        for ns, recs in by_ns.items():
+            mih = [(image_id, int(rec["phash"], 16), rec["mih"].split(","))
+                   for image_id, rec in recs if rec.get("mih")]
+            if mih:
+                self.phash.remove(ns, mih)
+            per_embedder: dict[str, list] = defaultdict(list)
+            for image_id, rec in recs:
+                for loc in filter(None, rec.get("vectors", "").split(",")):
+                    per_embedder[loc.split("/")[0]].append((image_id, loc))
+            for name, entries in per_embedder.items():
+                if self.vectors is not None:
+                    self.vectors.remove(ns, name, entries)
+
+    # --- sizes, for metrics --------------------------------------------------------------------
+    def namespace_sizes(self) -> dict[str, int]:
+        names = sorted(m.decode() for m in self.client.smembers(self.keys.namespaces()))
+        pipe = self.client.pipeline(transaction=False)
+        for ns in names:
+            pipe.hlen(self.keys.order(ns))
+        return dict(zip(names, pipe.execute()))
+
+
+def _by_namespace(images: list[ImageFeatures]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, img in enumerate(images):
+        groups[img.namespace].append(i)
+    return groups

@@ -1,0 +1,324 @@
+"""The streaming worker: consume image events in batches, run the pipeline, publish verdicts and dead
+letters, and commit an offset only when everything before it in its partition is acknowledged.
+
+Failure behaviour, because this is what operators meet at 3 a.m.:
+- bad input -> a dead letter, never a crash;
+- Redis unavailable -> bounded retries with backoff, then the batch's partitions are rewound and paused
+  and the worker keeps polling (heartbeats continue); it resumes them after a growing delay;
+- a verdict the broker refused -> its partition is rewound to that message (replays are idempotent);
+- rebalance: on revoke, in-flight verdicts are flushed and the revoked partitions committed; on a lost
+  assignment nothing is committed (another worker already owns those partitions);
+- SIGTERM/SIGINT -> stop consuming, finish the batch, flush, commit, close, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from functools import partial
+
+import click
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from imgdedup import __version__, messages, metrics
+from imgdedup.config import Settings
+from imgdedup.health import HealthServer
+from imgdedup.kafka_io import consumer_config, producer_config
+from imgdedup.offsets import OffsetTracker
+from imgdedup.pipeline import TRANSIENT_ERRORS, InputRecord, Output, Pipeline
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAYS_S = (0.1, 0.3, 1.0, 3.0)  # in-batch retries of a transient Redis error
+PAUSE_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # pauses after the retries are used up, growing
+SIZES_EVERY_S = 15.0  # how often index sizes and Redis memory are read for metrics
+
+
+class Worker:
+    def __init__(self, settings: Settings, pipeline: Pipeline | None = None):
+        self.settings = settings
+        self.pipeline = pipeline or Pipeline(settings)
+        self.stopping = threading.Event()
+        self.tracker = OffsetTracker()
+        self.assigned: set[tuple[str, int]] = set()
+        self.paused: list[TopicPartition] = []
+        self.pause_level = 0
+        self.resume_at = 0.0
+        self.redis_ok = False
+        self.kafka_ok = False
+        self.rewind: dict[tuple[str, int], int] = {}  # partitions to seek back after failed deliveries
+        self.next_sizes = 0.0
+        self.consumer: Consumer | None = None
+        self.producer: Producer | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        problems = [name for name, ok in (("redis", self.redis_ok), ("kafka", self.kafka_ok),
+                                          ("partitions assigned", bool(self.assigned))) if not ok]
+        metrics.READY.set(0 if problems else 1)
+        return (False, "not ready: " + ", ".join(problems)) if problems else (True, "ready")
+
+    def stop(self, *_args) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        features = ",".join(f"{k}={v}" for k, v in sorted(self.pipeline.extractor.versions.items()))
+        metrics.BUILD_INFO.labels(__version__, features).set(1)
+        self._wait_for_redis()
+        if self.stopping.is_set():
+            return
+        self.producer = Producer(producer_config(self.settings, error_cb=self._kafka_error))
+        self.consumer = Consumer(consumer_config(self.settings, error_cb=self._kafka_error,
+                                                 stats_cb=self._stats, **{"statistics.interval.ms": 5000}))
+        self.consumer.subscribe([self.settings.input_topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        log.info("worker consuming %s as group %s", self.settings.input_topic, self.settings.consumer_group)
+        try:
+            while not self.stopping.is_set():
+                self._step()
+        finally:
+            self._shutdown()
+
+    def _step(self) -> None:
+        self._maybe_resume()
+        msgs = self.consumer.consume(self.settings.batch_size, self.settings.batch_timeout_s)
+        self.producer.poll(0)
+        self._apply_rewinds()
+        good = []
+        for msg in msgs:
+            if msg.error() is None:
+                good.append(msg)
+            elif msg.error().code() != KafkaError._PARTITION_EOF:
+                metrics.ERRORS.labels("kafka").inc()
+                log.warning("consume error: %s", msg.error())
+        if good:
+            self.kafka_ok = True
+            self._handle(good)
+        if time.monotonic() >= self.next_sizes:
+            self._report_sizes()
+        metrics.IN_FLIGHT.set(self.tracker.in_flight)
+        self.ready()
+
+    def _shutdown(self) -> None:
+        log.info("worker stopping: flushing verdicts and committing offsets")
+        if self.producer is not None:
+            self.producer.flush(30)
+        if self.consumer is not None:
+            self._commit_all()
+            self.consumer.close()
+        self.pipeline.close()
+        self.assigned.clear()
+        self.ready()
+
+    # --- a batch -------------------------------------------------------------------------------
+    def _handle(self, msgs) -> None:
+        metrics.BATCH_SIZE.observe(len(msgs))
+        started = time.time()
+        for msg in msgs:
+            metrics.EVENTS_CONSUMED.labels(msg.topic()).inc()
+            self.tracker.consumed(msg.topic(), msg.partition(), msg.offset())
+        records = [InputRecord(m.value(), m.key(), m.topic(), m.partition(), m.offset()) for m in msgs]
+        outputs = self._process_with_retries(records)
+        if outputs is None:
+            self._pause_and_rewind(msgs)
+            return
+        with metrics.STAGE_SECONDS.labels("produce").time():
+            for out in outputs:
+                topic = self.settings.verdict_topic if out.kind == "verdict" else self.settings.dlq_topic
+                self._produce(topic, out, started)
+            self.producer.poll(0)
+
+    def _process_with_retries(self, records: list[InputRecord]) -> list[Output] | None:
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
+            try:
+                outputs = self.pipeline.process(records)
+                self.redis_ok, self.pause_level = True, 0
+                return outputs
+            except TRANSIENT_ERRORS as exc:
+                self.redis_ok = False
+                metrics.ERRORS.labels("redis").inc()
+                log.warning("redis unavailable (attempt %d): %s", attempt + 1, exc)
+                if delay is None or self.stopping.wait(delay):
+                    return None
+                metrics.RETRIES.labels("redis").inc()
+        return None
+
+    def _produce(self, topic: str, out: Output, started: float) -> None:
+        callback = partial(self._delivered, out, started)
+        while True:
+            try:
+                self.producer.produce(topic, messages.encode(out.message), out.key, on_delivery=callback)
+                return
+            except BufferError:  # local queue full: let acknowledgements drain it
+                self.producer.poll(0.05)
+
+    def _delivered(self, out: Output, started: float, err, msg) -> None:
+        src = out.source
+        if err is not None:
+            metrics.ERRORS.labels("kafka").inc()
+            log.error("verdict for %s/%s offset %s not delivered: %s", src.topic, src.partition, src.offset, err)
+            key = (src.topic, src.partition)
+            self.rewind[key] = min(self.rewind.get(key, src.offset), src.offset)
+            return
+        if out.kind == "verdict":
+            ns = metrics.namespace_label(out.message["namespace"])
+            metrics.VERDICTS.labels(out.message["verdict"], ns).inc()
+            if out.message.get("latency_ms") is not None:
+                processed_delay = time.time() - _timestamp(out.message["processed_at"])
+                metrics.END_TO_END_SECONDS.observe(out.message["latency_ms"] / 1000 + max(processed_delay, 0))
+        else:
+            metrics.DEAD_LETTERS.labels(out.message["error"]["code"]).inc()
+        metrics.PROCESSING_SECONDS.observe(time.time() - started)
+        commit_at = self.tracker.acknowledged(src.topic, src.partition, src.offset)
+        if commit_at is not None and (src.topic, src.partition) in self.assigned:
+            try:
+                self.consumer.store_offsets(offsets=[TopicPartition(src.topic, src.partition, commit_at)])
+            except KafkaException as exc:  # revoked meanwhile: the new owner replays from its commit
+                log.info("offset not stored for %s/%s: %s", src.topic, src.partition, exc)
+
+    # --- failures: pause, rewind, resume --------------------------------------------------------
+    def _pause_and_rewind(self, msgs) -> None:
+        first: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            first.setdefault((m.topic(), m.partition()), m.offset())
+        parts = [TopicPartition(t, p, off) for (t, p), off in first.items()]
+        for tp in parts:
+            self._seek(tp)
+        self.consumer.pause(parts)
+        self.paused.extend(parts)
+        delay = PAUSE_DELAYS_S[min(self.pause_level, len(PAUSE_DELAYS_S) - 1)]
+        self.pause_level += 1
+        self.resume_at = time.monotonic() + delay
+        metrics.PAUSED_PARTITIONS.set(len(self.paused))
+        log.warning("paused %d partitions for %.0fs after repeated Redis errors", len(parts), delay)
+
+    def _maybe_resume(self) -> None:
+        if self.paused and time.monotonic() >= self.resume_at:
+            live = [tp for tp in self.paused if (tp.topic, tp.partition) in self.assigned]
+            if live:
+                self.consumer.resume(live)
+            self.paused = []
+            metrics.PAUSED_PARTITIONS.set(0)
+
+    def _apply_rewinds(self) -> None:
+        while self.rewind:
+            (topic, partition), offset = self.rewind.popitem()
+            if (topic, partition) in self.assigned:
+                self._seek(TopicPartition(topic, partition, offset))
+
+    def _seek(self, tp: TopicPartition) -> None:
+        try:
+            self.consumer.seek(tp)
+        except KafkaException as exc:
+            log.warning("seek %s/%s to %s failed: %s", tp.topic, tp.partition, tp.offset, exc)
+
+    # --- rebalancing ---------------------------------------------------------------------------
+    def _on_assign(self, consumer, partitions) -> None:
+        self.assigned.update((tp.topic, tp.partition) for tp in partitions)
+        self.kafka_ok = True
+        metrics.ASSIGNED_PARTITIONS.set(len(self.assigned))
+        log.info("assigned %s", sorted(tp.partition for tp in partitions))
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        self.producer.flush(30)  # acknowledgements of in-flight verdicts store their offsets now
+        self._commit([tp for tp in partitions if (tp.topic, tp.partition) in self.assigned])
+        self._drop(partitions)
+        log.info("revoked %s", sorted(tp.partition for tp in partitions))
+
+    def _on_lost(self, consumer, partitions) -> None:
+        self._drop(partitions)  # never commit: those partitions belong to someone else now
+        log.warning("lost %s", sorted(tp.partition for tp in partitions))
+
+    def _drop(self, partitions) -> None:
+        for tp in partitions:
+            self.assigned.discard((tp.topic, tp.partition))
+            self.tracker.forget(tp.topic, tp.partition)
+            try:
+                metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+            except KeyError:  # no statistics arrived for it yet
+                pass
+        metrics.ASSIGNED_PARTITIONS.set(len(self.assigned))
+
+    def _commit(self, partitions) -> None:
+        offsets = [TopicPartition(tp.topic, tp.partition, off) for tp in partitions
+                   if (off := self.tracker.commit_offset(tp.topic, tp.partition)) is not None]
+        if offsets:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("commit failed: %s", exc)
+
+    def _commit_all(self) -> None:
+        self._commit([TopicPartition(t, p) for t, p in self.assigned])
+
+    # --- observability -------------------------------------------------------------------------
+    def _wait_for_redis(self) -> None:
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                self.pipeline.client.ping()
+                self.redis_ok = True
+                return
+            except TRANSIENT_ERRORS as exc:
+                self.redis_ok = False
+                metrics.ERRORS.labels("redis").inc()
+                log.warning("waiting for Redis at %s: %s", self.settings.masked()["redis_url"], exc)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _kafka_error(self, err) -> None:
+        metrics.ERRORS.labels("kafka").inc()
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self.kafka_ok = False
+        log.warning("kafka: %s", err)
+
+    def _stats(self, stats_json: str) -> None:
+        stats = json.loads(stats_json)
+        for topic, tstats in stats.get("topics", {}).items():
+            for part, pstats in tstats.get("partitions", {}).items():
+                lag = pstats.get("consumer_lag", -1)
+                if part != "-1" and (topic, int(part)) in self.assigned and lag >= 0:
+                    metrics.CONSUMER_LAG.labels(topic, part).set(lag)
+
+    def _report_sizes(self) -> None:
+        self.next_sizes = time.monotonic() + SIZES_EVERY_S
+        try:
+            for ns, count in self.pipeline.store.namespace_sizes().items():
+                metrics.INDEX_IMAGES.labels(metrics.namespace_label(ns)).set(count)
+            info = self.pipeline.client.info("memory")
+            metrics.REDIS_USED_MEMORY.set(info.get("used_memory", 0))
+            metrics.REDIS_MAX_MEMORY.set(info.get("maxmemory", 0))
+            self.redis_ok = True
+        except TRANSIENT_ERRORS as exc:
+            self.redis_ok = False
+            log.warning("redis unavailable while reading sizes: %s", exc)
+
+
+def _timestamp(rfc3339: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+@click.command("worker")
+@click.pass_context
+def worker_command(ctx) -> None:
+    """Consume image events and publish verdicts until SIGTERM/SIGINT."""
+    from imgdedup.cli import settings_from
+
+    settings = settings_from(ctx)
+    worker = Worker(settings)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    server = HealthServer(settings.metrics_host, settings.metrics_port, worker.ready).start() \
+        if settings.metrics_port else None
+    if server:
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.port)
+    try:
+        worker.run()
+    finally:
+        if server:
+            server.stop()
