@@ -109,7 +109,7 @@ def distribution(values: np.ndarray) -> dict:
     values = np.asarray(values, dtype=np.float64)
     if not len(values):
         return {"n": 0, "min": None, "median": None, "max": None, "mean": None}
-    return {"n": int(len(values)), "min": float(values.min()), "median": float(np.median(values)),
+    return {"n": len(values), "min": float(values.min()), "median": float(np.median(values)),
             "max": float(values.max()), "mean": float(values.mean())}
 
 
@@ -167,7 +167,7 @@ def ranking_metrics(score_matrix: np.ndarray, same: np.ndarray, higher_is_closer
     ap = np.sum(rel * np.cumsum(rel, axis=1) / ranks, axis=1) / n_rel
     ideal = np.cumsum(1.0 / np.log2(np.arange(2, n + 2)))[n_rel - 1]
     dcg = np.sum(rel / np.log2(ranks + 1), axis=1)
-    return {"map": float(ap.mean()), "ndcg": float((dcg / ideal).mean()), "queries": int(len(queries)),
+    return {"map": float(ap.mean()), "ndcg": float((dcg / ideal).mean()), "queries": len(queries),
             "skipped": int(n - len(queries))}
 
 
