@@ -103,5 +103,5 @@ def _hits(reply) -> list[tuple[str, dict]]:
 
 def _neighbours(reply, prefix: str) -> Neighbours:
     """(image_id, cosine similarity) pairs; RediSearch's COSINE distance is 1 - cos."""
-    return [(key[len(prefix):] if key.startswith(prefix) else key, 1.0 - float(text(fields["dist"])))
+    return [(key.removeprefix(prefix), 1.0 - float(text(fields["dist"])))
             for key, fields in _hits(reply)]

