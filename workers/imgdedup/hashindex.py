@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
 
 import numpy as np
 import redis
@@ -55,7 +56,7 @@ class QueryResult:
 
     matches: list[tuple[str, int]]  # (image_id, Hamming distance)
     probes: int  # buckets read
-    candidates: int  # distinct members verified by popcount
+    candidates: int  # members verified (one found in k tables counts k times)
 
     def excluding(self, image_id: str) -> list[tuple[str, int]]:
         """Matches other than the querying image itself (it is in the index once written)."""
@@ -197,20 +198,22 @@ class PHashIndex:
 
 
 def _verify(phash: int, radius: int, replies: list) -> QueryResult:
-    """Exact Hamming check of the union of the probed buckets, vectorised over members."""
-    members = list(set().union(*replies))
+    """Exact Hamming check of every member read, vectorised; duplicates are resolved among hits only.
+
+    A member found in several tables is verified once per table: cheaper than hashing thousands of
+    candidates into a set first, since only the few hits need de-duplicating.
+    """
+    members = list(chain.from_iterable(replies))
     if not members:
         return QueryResult([], len(replies), 0)
     # Casting to S8 keeps each member's first 8 bytes (the big-endian pHash) in one C loop.
-    prefixes = np.array(members, dtype="S8").view(">u8").astype(np.uint64)
-    distances = np.bitwise_count(prefixes ^ np.uint64(phash))
-    hits = np.flatnonzero(distances <= radius)
-    found = sorted((int(distances[i]), members[i][8:].decode()) for i in hits)
-    matches, seen = [], set()
-    for distance, image_id in found:  # one image under two pHashes (a stale member): keep the nearer
-        if image_id not in seen:
-            seen.add(image_id)
-            matches.append((image_id, distance))
+    prefixes = np.array(members, dtype="S8").view(">u8")
+    distances = np.bitwise_count(prefixes ^ prefixes.dtype.type(phash))
+    best: dict[str, int] = {}
+    for i in np.flatnonzero(distances <= radius).tolist():
+        image_id, distance = members[i][8:].decode(), int(distances[i])
+        best[image_id] = min(distance, best.get(image_id, distance))  # one image, two pHashes: the nearer
+    matches = sorted(best.items(), key=lambda m: (m[1], m[0]))
     return QueryResult(matches, len(replies), len(members))
 
 
