@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 PHASH_VERSION = "imagehash-phash-8x4"
 
 #: Exceptions that mean "Redis is unavailable right now": retry the batch, never dead-letter it.
-TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.TryAgainError,
-                    redis.ClusterDownError)
+TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+                    redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
 
 
 @dataclass
