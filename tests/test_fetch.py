@@ -46,7 +46,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest output clean
         pass
 
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):  # http.server calls do_<METHOD>
         self.server.hits.append(self.path)
         path = self.path
         try:
