@@ -26,6 +26,24 @@ def test_chain_is_cut_where_plain_connected_components_would_merge():
     assert out.refused == [{"image_id": "c", "group": "a", "support": 1, "share": 0.5}]
 
 
+def test_duplicate_of_naming_the_original_does_not_bypass_the_guard():
+    # the worker names the canonical original of what c matched (a), but c only matched b
+    verdicts = chain()[:2] + [_v("c", "near_duplicate", "a", [("b", 5)])]
+    assert g.build_groups(verdicts, min_share=0.6).duplicate_groups()[0].members == ["a", "b"]
+    # without a match list, duplicate_of is the only evidence and counts as a match
+    verdicts = chain()[:2] + [_v("c", "exact_duplicate", "a")]
+    assert g.build_groups(verdicts).duplicate_groups()[0].members == ["a", "b", "c"]
+
+
+def test_share_is_of_the_matches_a_verdict_can_list():
+    # a group of 5; e matches 2 members that are not the original: 2/5 < 0.6, but verdicts list
+    # at most 3 matches here, so the share is 2/3
+    verdicts = [_v("a")] + [_v(x, "near_duplicate", "a", [("a", 1)]) for x in "bcd"]
+    verdicts += [_v("f", "near_duplicate", "a", [("a", 1)]), _v("e", "near_duplicate", "a", [("b", 3), ("c", 4)])]
+    assert "e" not in g.build_groups(verdicts, 0.6, max_matches=10).duplicate_groups()[0].members
+    assert "e" in g.build_groups(verdicts, 0.6, max_matches=3).duplicate_groups()[0].members
+
+
 def test_share_and_canonical_match_let_images_join():
     # with a lower share c's single link to half of {a, b} is enough
     assert g.build_groups(chain(), min_share=0.5).duplicate_groups()[0].members == ["a", "b", "c"]

@@ -165,7 +165,7 @@ def _verdict_correct(ds: Dataset, verdicts: list[dict]) -> list[dict]:
     return out
 
 
-def verdict_report(ds: Dataset, verdicts: list[dict], min_share: float) -> dict:
+def verdict_report(ds: Dataset, verdicts: list[dict], min_share: float, max_matches: int = 10) -> dict:
     """The fused verdict's numbers: false duplicates among distinct bases, verdict precision, and
     pairwise precision/recall/F1 of the duplicate groups built from the verdicts."""
     checks = _verdict_correct(ds, verdicts)
@@ -175,7 +175,7 @@ def verdict_report(ds: Dataset, verdicts: list[dict], min_share: float) -> dict:
     false_bases = [ds.items[i].image_id for i in base if checks[i]["wrong_family"]]
     false_variants = [{"image_id": ds.items[i].image_id, "duplicate_of": verdicts[i].get("duplicate_of")}
                       for i in variants if checks[i]["wrong_family"]]
-    grouping = build_groups([v for v in verdicts if v is not None], min_share)
+    grouping = build_groups([v for v in verdicts if v is not None], min_share, max_matches)
     index = {it.image_id: i for i, it in enumerate(ds.items)}
     label = np.arange(len(ds))
     for g_id, group in enumerate(grouping.groups):

@@ -105,17 +105,17 @@ def groups_command(ctx, verdicts, from_topic, idle_timeout, min_share, namespace
     """Turn verdicts (JSON lines, a file or stdin) into duplicate groups with an anti-chaining guard."""
     from imgdedup.evaluation import groups as G
 
+    settings = settings_from(ctx)
     if from_topic:
         from imgdedup import kafka_io
 
-        settings = settings_from(ctx)
         docs = kafka_io.iter_topic(settings, settings.verdict_topic, idle_timeout_s=idle_timeout)
     else:
         docs = G.read_jsonl(verdicts)
     if namespace:
         docs = (d for d in docs if d.get("namespace") == namespace)
     try:
-        grouping = G.build_groups(docs, min_share)
+        grouping = G.build_groups(docs, min_share, settings.max_matches)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     dups = grouping.duplicate_groups()

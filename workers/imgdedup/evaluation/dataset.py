@@ -5,6 +5,7 @@ user's labels in imagededup's ground-truth format ``{"a.jpg": ["a_copy.jpg", ...
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,15 +65,42 @@ def list_images(directory: Path) -> list[Path]:
 
 def generated(bases: Sequence[Path], out_dir: Path, seed: int, transforms: Sequence[V.Transform],
               progress=None, threads: int = 2) -> Dataset:
-    """Bases plus every variant (written to out_dir); duplicates are exactly the pairs of one family."""
-    with ThreadPoolExecutor(threads) as pool:  # Pillow releases the GIL while resizing and encoding
-        per_base = list(pool.map(lambda b: V.generate([b], out_dir, seed, transforms, progress), bases))
+    """Bases plus every variant (written to out_dir); duplicates are exactly the pairs of one family.
+
+    Files are reused when out_dir/manifest.json says they came from the same bases (by SHA-256),
+    seed, transforms, generator source and Pillow: generation is deterministic, so they are equal."""
+    key = _generation_key(bases, seed, transforms)
+    manifest = out_dir / "manifest.json"
+    cached = manifest.is_file() and json.loads(manifest.read_text()).get("key") == key
+    per_base = None
+    if cached:
+        per_base = [[V.Variant(f"{b.stem}__{t.name}", b.stem, t.name, out_dir / f"{b.stem}__{t.name}.{t.encoding[2]}")
+                     for t in transforms] for b in bases]
+        if not all(v.path.is_file() for vs in per_base for v in vs):
+            per_base = None
+        elif progress:
+            progress(sum(len(vs) for vs in per_base))
+    if per_base is None:
+        manifest.unlink(missing_ok=True)
+        with ThreadPoolExecutor(threads) as pool:  # Pillow releases the GIL while resizing and encoding
+            per_base = list(pool.map(lambda b: V.generate([b], out_dir, seed, transforms, progress), bases))
+        manifest.write_text(json.dumps({"key": key}))
     items = [Item(b.stem, b, b.stem, BASE, True) for b in bases]
     items += [Item(v.image_id, v.path, v.base_id, v.transform, False) for vs in per_base for v in vs]
     if len({it.image_id for it in items}) != len(items):
         raise ValueError("two bases share a file stem; rename them so image ids are unique")
     family = np.array([it.family for it in items])
     return Dataset(items, family[:, None] == family[None, :], "generated")
+
+
+def _generation_key(bases: Sequence[Path], seed: int, transforms: Sequence[V.Transform]) -> str:
+    import PIL
+
+    h = hashlib.sha256(f"{seed}|{PIL.__version__}|{[t.name for t in transforms]}".encode())
+    h.update(Path(V.__file__).read_bytes())
+    for b in bases:
+        h.update(b.name.encode() + hashlib.sha256(b.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def from_ground_truth(images_dir: Path, truth_file: Path) -> Dataset:

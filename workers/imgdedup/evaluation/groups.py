@@ -67,9 +67,12 @@ def read_jsonl(lines: Iterable[str]) -> Iterator[dict]:
                 raise ValueError(f"line {number} is not JSON: {exc}") from None
 
 
-def build_groups(verdicts: Iterable[dict], min_share: float = 0.6) -> Grouping:
+def build_groups(verdicts: Iterable[dict], min_share: float = 0.6, max_matches: int = 10) -> Grouping:
     """Groups from verdicts in the order they were decided (the worker's order is the ground truth
-    of which image came first). Dead letters are skipped; a 'deleted' verdict removes the image."""
+    of which image came first). Dead letters are skipped; a 'deleted' verdict removes the image.
+
+    A verdict lists at most `max_matches` matches (the worker's setting), so the share is taken of
+    min(group size, max_matches): otherwise no image could ever join a large group by support."""
     if not 0.0 < min_share <= 1.0:
         raise ValueError("min_share must be in (0, 1]")
     groups: list[Group] = []
@@ -95,17 +98,19 @@ def build_groups(verdicts: Iterable[dict], min_share: float = 0.6) -> Grouping:
             new_group(image_id)
             continue
         matches = verdict.get("matches") or []
+        # the images this one actually matched; duplicate_of alone is the worker's (transitive) choice
+        # of original, so it counts only when the verdict lists no matches
         linked = {m["image_id"] for m in matches if m.get("image_id") and m["image_id"] != image_id}
-        if verdict.get("duplicate_of"):
+        if not linked and verdict.get("duplicate_of"):
             linked.add(verdict["duplicate_of"])
         for other in linked - where.keys():  # matched an image decided before this input began
             new_group(other)
-        target, best = _choose(linked, where, verdict.get("duplicate_of"), min_share)
+        target, best = _choose(linked, where, verdict.get("duplicate_of"), min_share, max_matches)
         if target is None:
             group = new_group(image_id)
             if best is not None:
                 refused.append({"image_id": image_id, "group": best[0].canonical, "support": best[1],
-                                "share": round(best[1] / best[0].size, 3)})
+                                "share": round(best[1] / min(best[0].size, max_matches), 3)})
         else:
             target.members.append(image_id)
             where[image_id] = target
@@ -114,18 +119,20 @@ def build_groups(verdicts: Iterable[dict], min_share: float = 0.6) -> Grouping:
     return Grouping(groups, refused)
 
 
-def _choose(linked: set[str], where: dict[str, Group], duplicate_of: str | None, min_share: float):
+def _choose(linked: set[str], where: dict[str, Group], duplicate_of: str | None, min_share: float,
+            max_matches: int):
     """The group the image may join (canonical match or enough support), preferring the group of
     `duplicate_of`, then the most supported; plus the best refused candidate for the record."""
     candidates: dict[int, tuple[Group, int]] = {}
     for other in linked:
         group = where[other]
         candidates[id(group)] = (group, len(linked.intersection(group.members)))
-    allowed = [(g, s) for g, s in candidates.values() if g.canonical in linked or s / g.size >= min_share]
+    allowed = [(g, s) for g, s in candidates.values()
+               if g.canonical in linked or s / min(g.size, max_matches) >= min_share]
     if allowed:
         allowed.sort(key=lambda gs: (duplicate_of not in gs[0].members, -gs[1], gs[0].canonical))
         return allowed[0][0], None
-    best = max(candidates.values(), key=lambda gs: (gs[1] / gs[0].size, gs[1]), default=None)
+    best = max(candidates.values(), key=lambda gs: (gs[1] / min(gs[0].size, max_matches), gs[1]), default=None)
     return None, best
 
 

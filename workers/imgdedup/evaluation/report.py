@@ -130,7 +130,9 @@ def write_markdown(results: dict, path: Path, plots: list[Path]) -> Path:
         f"- command: `{meta['command']}`",
         f"- thresholds: {meta['thresholds']}; features: {meta['versions']}",
         f"- low-detail images (pHash matching skipped by the worker): {len(meta.get('low_detail_images', []))}",
-        f"- seconds: {meta.get('seconds', {})}", "",
+        f"- seconds: {meta.get('seconds', {})}",
+        f"- images left out because the feature code rejected them: {len(results.get('dropped') or [])}"
+        + "".join(f"; `{d['image_id']}` {d['code']}" for d in (results.get("dropped") or [])[:5]), "",
         "## Recall per transform", "",
         "Recall = share of the variants found as duplicates of their own base. Signal columns use the raw "
         "score between variant and base at the configured threshold (min / median / max of the score); "
@@ -182,6 +184,13 @@ def plot_pr_curves(results: dict, path: Path) -> Path:
     return path
 
 
+def _horizontal() -> dict:
+    import matplotlib
+
+    major, minor = (int(x) for x in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
+
+
 def plot_distributions(results: dict, matrices_by_transform: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
     """Per signal: the variant-to-base scores of each transform as a box, the configured threshold
     and the closest distinct pair as vertical lines."""
@@ -192,7 +201,7 @@ def plot_distributions(results: dict, matrices_by_transform: dict[str, dict[str,
     for ax, name in zip(axes[0], names):
         sig = results["signals"][name]
         data = [matrices_by_transform[t][name] for t in transforms]
-        ax.boxplot(data, vert=False, whis=(0, 100), widths=0.6)
+        ax.boxplot(data, whis=(0, 100), widths=0.6, **_horizontal())
         ax.set_yticks(range(1, len(transforms) + 1), transforms if ax is axes[0][0] else [""] * len(transforms),
                       fontsize=7)
         ax.axvline(sig["configured"], color="tab:green", label=f"configured {_fmt(sig['configured'])}")
@@ -201,7 +210,7 @@ def plot_distributions(results: dict, matrices_by_transform: dict[str, dict[str,
             ax.axvline(closest["score"], color="tab:red", ls="--", label=f"closest distinct {_fmt(closest['score'])}")
         ax.invert_yaxis()
         ax.set_title(f"{_label(name)} ({sig['unit']}) variant vs base", fontsize=9)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="lower right" if sig["unit"] == "cosine" else "upper right")
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

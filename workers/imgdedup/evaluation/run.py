@@ -70,8 +70,9 @@ def evaluate(settings: Settings, opts: EvalOptions) -> EvalRun:
     with _timed(timings, "features"):
         features, dropped = extract_features(settings, ds, opts)
     if dropped:
-        log.warning("%d images could not be read and are left out: %s", len(dropped), dropped[:5])
-        ds = ds.subset([i for i in range(len(ds)) if ds.items[i].image_id not in dropped])
+        log.warning("%d images could not be read and are left out, e.g. %s", len(dropped), dropped[0])
+        gone = {d["image_id"] for d in dropped}
+        ds = ds.subset([i for i in range(len(ds)) if ds.items[i].image_id not in gone])
     vector_names = sorted(features[0].vectors) if features else []
     signals = analysis.signals_for(settings, vector_names)
     matrices = analysis.score_matrices(features, signals)
@@ -86,7 +87,7 @@ def evaluate(settings: Settings, opts: EvalOptions) -> EvalRun:
                                                        opts.margin_cosine if s.higher_is_closer else opts.margin_bits)
                         for s in signals},
             "transforms": analysis.transform_table(ds, matrices, signals, verdicts),
-            "verdict": analysis.verdict_report(ds, verdicts, opts.min_share) if verdicts is not None else None,
+            "verdict": analysis.verdict_report(ds, verdicts, opts.min_share, settings.max_matches) if verdicts is not None else None,
             "dropped": dropped,
         }
     timings["total"] = round(time.perf_counter() - started, 2)
@@ -120,8 +121,8 @@ def build_dataset(opts: EvalOptions) -> Dataset:
         return generated(bases, opts.out_dir / "variants", opts.seed, transforms, progress=bar.update)
 
 
-def extract_features(settings: Settings, ds: Dataset, opts: EvalOptions) -> tuple[list, list[str]]:
-    """Features of every item with the worker's FeatureExtractor; ids of unreadable files."""
+def extract_features(settings: Settings, ds: Dataset, opts: EvalOptions) -> tuple[list, list[dict]]:
+    """Features of every item with the worker's FeatureExtractor; the unreadable files with their error."""
     from imgdedup.errors import DeadLetterError
     from imgdedup.pipeline import FeatureExtractor
 
@@ -133,7 +134,7 @@ def extract_features(settings: Settings, ds: Dataset, opts: EvalOptions) -> tupl
                 chunk = ds.items[start: start + opts.batch_size]
                 for item, out in zip(chunk, extractor.extract([it.path.read_bytes() for it in chunk])):
                     if isinstance(out, DeadLetterError):
-                        dropped.append(item.image_id)
+                        dropped.append({"image_id": item.image_id, "code": out.code.value, "message": out.message})
                     else:
                         features.append(out)
                 bar.update(len(chunk))
