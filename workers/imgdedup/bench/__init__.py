@@ -1,0 +1,1 @@
+"""Rerunnable measurements behind the numbers in the docs (``python -m imgdedup.bench.<name>``)."""
