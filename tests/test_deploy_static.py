@@ -418,3 +418,13 @@ def test_entrypoint_runs_the_command_and_sets_no_clip_path_without_baked_weights
                             capture_output=True, text=True, env=env, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "PATH=" in result.stdout and "IMGDEDUP_CLIP_CHECKPOINT" not in result.stdout
+
+
+def test_every_setting_named_in_deploy_files_and_the_runbook_exists():
+    """A runbook that tells the operator to raise IMGDEDUP_SOMETHING must name a real setting."""
+    files = [OPERATIONS_DOC, DOCKERFILE, DOCKERFILE.parent / "entrypoint.sh", COMPOSE,
+             *K8S.glob("*.yaml"), *PROM.glob("*.yml")]
+    named = {m for f in files for m in re.findall(r"IMGDEDUP_([A-Z0-9_]+)", f.read_text())}
+    assert {"PARTITIONS", "METRICS_PORT", "CLIP_CHECKPOINT"} <= named
+    unknown = sorted(n for n in named if n.lower() not in Settings.model_fields)
+    assert unknown == [], f"not settings: {unknown}"
