@@ -62,11 +62,15 @@ def _pair_masks(ds: Dataset) -> dict[str, np.ndarray]:
     is_base = np.array([it.is_base for it in ds.items])
     family = np.array([it.family for it in ds.items])
     other = family[:, None] != family[None, :]
+    with_base = upper & (is_base[:, None] | is_base[None, :])
     return {
         "all": upper,
         "base_pairs": upper & is_base[:, None] & is_base[None, :] & other,
         "variant_other_base": upper & (is_base[:, None] ^ is_base[None, :]) & other,
         "cross_family": upper & other,
+        # calibration: "is this image a copy of that original?" - every pair with an original in it
+        "with_original": with_base,
+        "distinct_with_original": with_base & other,
     }
 
 
@@ -79,7 +83,7 @@ def signal_report(ds: Dataset, scores: np.ndarray, sig: Signal, target_precision
     flat = scores[masks["all"]]
     out: dict = {"signal": sig.name, "unit": sig.unit, "configured": sig.threshold, "decides": sig.decides,
                  "pairs": M.confusion(flat, labels, sig.threshold, sig.higher_is_closer)}
-    for population in ("base_pairs", "variant_other_base", "cross_family"):
+    for population in ("base_pairs", "variant_other_base", "cross_family", "distinct_with_original"):
         vals = scores[masks[population]]
         hit = M.predicted(vals, sig.threshold, sig.higher_is_closer)
         out[population] = {"pairs": len(vals), "false_positives": int(hit.sum()),
@@ -88,8 +92,9 @@ def signal_report(ds: Dataset, scores: np.ndarray, sig: Signal, target_precision
     result = M.sweep(flat, labels, sig.higher_is_closer)
     out["sweep"] = {"thresholds": result.thresholds.tolist(), "precision": result.precision.tolist(),
                     "recall": result.recall.tolist(), "fpr": result.fpr.tolist()}
-    out["at_target"] = M.threshold_at_precision(result, target_precision)
-    out["recommended"] = _recommend(out, result, sig, margin)
+    calibration = M.sweep(scores[masks["with_original"]], ds.same[masks["with_original"]], sig.higher_is_closer)
+    out["at_target"] = M.threshold_at_precision(calibration, target_precision)
+    out["recommended"] = _recommend(out, calibration, sig, margin)
     out["ranking_at_threshold"] = M.ranking_metrics(scores, ds.same, sig.higher_is_closer, sig.threshold)
     out["ranking_full"] = M.ranking_metrics(scores, ds.same, sig.higher_is_closer)
     return out
@@ -105,9 +110,13 @@ def _closest_pair(ds: Dataset, scores: np.ndarray, mask: np.ndarray, higher_is_c
 
 
 def _recommend(out: dict, result: M.Sweep, sig: Signal, margin: float) -> dict | None:
-    """The threshold to configure: reaches the target precision AND keeps `margin` (bits or cosine)
-    away from the closest distinct pair seen; with its recall over all duplicate pairs."""
-    closest = out["cross_family"]["closest"]
+    """The threshold to configure, from the pairs that contain an original (copy vs original,
+    original vs original, copy vs another original): it reaches the target precision there AND keeps
+    `margin` (bits or cosine) away from the closest such distinct pair; with its recall of copies.
+
+    Pairs of two copies of different originals (two pictures in the same screenshot frame) are
+    left out of this choice on purpose: the report shows them separately as 'closest distinct (any)'."""
+    closest = out["distinct_with_original"]["closest"]
     if closest is None:
         return None
     if sig.higher_is_closer:

@@ -36,6 +36,9 @@ def _command_line() -> str:
               help="Anti-chaining share for the duplicate groups.")
 @click.option("--through-kafka", is_flag=True, help="Publish events and run a worker subprocess instead of "
                                                     "running the pipeline in-process.")
+@click.option("--keep-variants", is_flag=True,
+              help="Leave variants in the index, so later ones may match earlier copies of the same picture "
+                   "(default: each batch of variants is judged against the originals, then deleted).")
 @click.option("--embedded-redis/--no-embedded-redis", default=None,
               help="Start a throw-away Redis (default: only when the configured one does not answer).")
 @click.option("--no-verdicts", is_flag=True, help="Signal-level numbers only (no Redis, no pipeline run).")
@@ -44,7 +47,8 @@ def _command_line() -> str:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def eval_command(ctx, bases_dir, ground_truth, out_dir, seed, transforms, limit_bases, target_precision,
-                 margin_bits, margin_cosine, min_share, through_kafka, embedded_redis, no_verdicts, report_html,
+                 margin_bits, margin_cosine, min_share, through_kafka, keep_variants, embedded_redis, no_verdicts,
+                 report_html,
                  list_transforms, quiet):
     """Measure recall per transform, false positives, mAP/NDCG and threshold sweeps of the real pipeline."""
     from imgdedup.evaluation import variants
@@ -66,7 +70,7 @@ def eval_command(ctx, bases_dir, ground_truth, out_dir, seed, transforms, limit_
         bases_dir=bases_dir or default_bases_dir(), out_dir=out_dir, ground_truth=ground_truth, seed=seed,
         transforms=tuple(transforms), limit_bases=limit_bases, target_precision=target_precision,
         margin_bits=margin_bits, margin_cosine=margin_cosine, min_share=min_share, through_kafka=through_kafka,
-        embedded_redis=embedded_redis, verdicts=not no_verdicts, progress=not quiet, command=_command_line())
+        keep_variants=keep_variants, embedded_redis=embedded_redis, verdicts=not no_verdicts, progress=not quiet, command=_command_line())
     if not opts.bases_dir.is_dir():
         raise click.BadParameter(f"{opts.bases_dir} is not a directory", param_hint="--bases")
     run = evaluate(settings, opts)

@@ -75,8 +75,9 @@ def signal_markdown(results: dict) -> list[str]:
     the safety margin, mAP/NDCG, and the threshold sweep's answer."""
     target = results["meta"]["target_precision"]
     head = ["signal", "configured", "pairwise P / R / F1", "FPR base pairs", "FPR variant vs other base",
-            "closest distinct bases", "closest distinct (any)", "mAP / NDCG at threshold", "mAP / NDCG full ranking",
-            f"loosest threshold with precision ≥ {target}", "recommended (recall)"]
+            "closest distinct bases", "closest to an original", "closest distinct (any)", "mAP / NDCG at threshold",
+            "mAP / NDCG full ranking", f"loosest threshold with precision ≥ {target} vs originals",
+            "recommended (recall vs originals)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, sig in results["signals"].items():
         p = sig["pairs"]
@@ -88,7 +89,8 @@ def signal_markdown(results: dict) -> list[str]:
             f"{sig['base_pairs']['false_positives']} / {sig['base_pairs']['pairs']} ({sig['base_pairs']['fpr']:.2e})",
             f"{sig['variant_other_base']['false_positives']} / {sig['variant_other_base']['pairs']} "
             f"({sig['variant_other_base']['fpr']:.2e})",
-            _closest(sig["base_pairs"]["closest"]), _closest(sig["cross_family"]["closest"]),
+            _closest(sig["base_pairs"]["closest"]), _closest(sig["distinct_with_original"]["closest"]),
+            _closest(sig["cross_family"]["closest"]),
             f"{_fmt(r_thr['map'])} / {_fmt(r_thr['ndcg'])}", f"{_fmt(r_full['map'])} / {_fmt(r_full['ndcg'])}",
             "none" if at is None else f"{_cmp(sig)} {_fmt(at['threshold'])} (recall {at['recall']:.3f})",
             "–" if rec is None else f"**{_cmp(sig)} {_fmt(rec['threshold'])}** ({rec['recall']:.3f})",
@@ -139,9 +141,13 @@ def write_markdown(results: dict, path: Path, plots: list[Path]) -> Path:
         "**verdict** is the worker's real decision (duplicate of the right original).", "",
         *transform_markdown(results), "",
         "## Signals over all pairs", "",
-        "FPR = false-positive rate at the configured threshold. Closest = the smallest distance / largest "
-        "similarity between two different pictures (the safety margin). mAP/NDCG: every image is a query, "
-        "its true duplicates the relevant items.", "",
+        "Pairwise P/R/F1 and mAP/NDCG count all pairs (every image is a query, its true duplicates the "
+        "relevant items). FPR = false-positive rate at the configured threshold. Closest = the smallest "
+        "distance / largest similarity between two different pictures (the safety margin): between two "
+        "originals, between a copy and another original, and between any two images (including two copies "
+        "of different originals, e.g. both pasted into the same screenshot frame). The recommendation is "
+        "taken on pairs that contain an original: it reaches the target precision there and keeps the "
+        "margin from the closest such distinct pair.", "",
         *signal_markdown(results), "",
     ]
     if results.get("verdict"):

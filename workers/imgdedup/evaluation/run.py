@@ -41,6 +41,7 @@ class EvalOptions:
     margin_cosine: float = 0.05
     min_share: float = 0.6
     through_kafka: bool = False
+    keep_variants: bool = False  # True: variants stay indexed and may match earlier variants
     embedded_redis: bool | None = None  # None: only if the configured Redis does not answer
     verdicts: bool = True  # False: signal-level numbers only (no Redis needed)
     batch_size: int = 64
@@ -162,19 +163,32 @@ def eval_settings(settings: Settings, ds: Dataset, **update) -> Settings:
 
 
 def run_verdicts(settings: Settings, ds: Dataset, opts: EvalOptions) -> list[dict | None]:
-    """Verdicts of every item (None if none came back), from a fresh namespace of a real Redis."""
+    """Verdicts of every item (None if none came back), from a fresh namespace of a real Redis.
+
+    Bases go in first. Then, unless `keep_variants`, variants go in rounds of one batch that are
+    deleted again after their verdicts: each variant is judged against the originals (and its
+    batch mates, which are other bases' variants of mostly the same transform), so a transform's
+    recall does not borrow from earlier variants of the same picture."""
     namespace = f"eval-{uuid.uuid4().hex[:10]}"
     with ExitStack() as stack:
         settings = stack.enter_context(_redis_for(settings, opts))
         settings = eval_settings(settings, ds)
-        events = make_events(ds, namespace)
-        if opts.through_kafka:
-            docs = _through_kafka(settings, events, opts)
-        else:
-            docs = _in_process(settings, events, opts)
+        send = stack.enter_context(_kafka_runner(settings, opts) if opts.through_kafka
+                                   else _pipeline_runner(settings))
+        upserts, deletes = make_events(ds, namespace), make_events(ds, namespace, op="delete")
+        bases = [i for i, it in enumerate(ds.items) if it.is_base]
+        rest = [i for i, it in enumerate(ds.items) if not it.is_base]
+        rounds = [bases] + ([rest] if opts.keep_variants else
+                            [rest[k: k + opts.batch_size] for k in range(0, len(rest), opts.batch_size)])
+        docs: list[dict] = []
+        with _bar(opts, len(ds), "verdicts") as bar:
+            for chunk in rounds:
+                docs += send([upserts[i] for i in chunk], bar.update)
+                if not opts.keep_variants and chunk is not bases:
+                    send([deletes[i] for i in chunk], None)
         _cleanup(settings, ds, namespace)
     by_event = {d.get("event_id"): d for d in docs}
-    return [by_event.get(e["event_id"]) for e in events]
+    return [by_event.get(e["event_id"]) for e in upserts]
 
 
 @contextmanager
@@ -207,19 +221,26 @@ def _redis_for(settings: Settings, opts: EvalOptions):
             server.stop()
 
 
-def _in_process(settings: Settings, events: list[dict], opts: EvalOptions) -> list[dict]:
+@contextmanager
+def _pipeline_runner(settings: Settings):
+    """send(events, progress) -> result documents, through the worker's Pipeline in this process."""
     from imgdedup.pipeline import Pipeline
 
     pipeline = Pipeline(settings)
-    out: list[dict] = []
+
+    def send(events: list[dict], progress) -> list[dict]:
+        out: list[dict] = []
+        for start in range(0, len(events), settings.batch_size):
+            chunk = events[start: start + settings.batch_size]
+            out += pipeline.process_events(chunk)
+            if progress:
+                progress(len(chunk))
+        return out
+
     try:
-        with _bar(opts, len(events), "verdicts") as bar:
-            for start in range(0, len(events), opts.batch_size):
-                out += pipeline.process_events(events[start: start + opts.batch_size])
-                bar.update(min(opts.batch_size, len(events) - start))
+        yield send
     finally:
         pipeline.close()
-    return out
 
 
 def _cleanup(settings: Settings, ds: Dataset, namespace: str) -> None:
@@ -234,7 +255,7 @@ def _cleanup(settings: Settings, ds: Dataset, namespace: str) -> None:
                 pipeline.process_events(events[start: start + 500])
         finally:
             pipeline.close()
-    except Exception as exc:  # a failed cleanup leaves an unused namespace, not a wrong report
+    except Exception as exc:  # noqa: BLE001 - a failed cleanup leaves an unused namespace, not a wrong report
         log.warning("could not delete eval namespace %s: %s", namespace, exc)
 
 
@@ -252,49 +273,54 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _through_kafka(settings: Settings, events: list[dict], opts: EvalOptions) -> list[dict]:
-    """Publish the events, run `imgdedup worker` as a subprocess, and read the verdicts of this run
-    (by namespace) from the verdict topic and the dead letters from the dead-letter topic."""
+@contextmanager
+def _kafka_runner(settings: Settings, opts: EvalOptions):
+    """send(events, progress) -> documents: publish to the input topic and read this run's answers
+    from the verdict and dead-letter topics, while `imgdedup worker` runs as a subprocess."""
+    from confluent_kafka import Consumer
+
     from imgdedup import devstack, kafka_io
 
     devstack.create_topics(settings.kafka_bootstrap, [settings.input_topic, settings.verdict_topic,
                                                        settings.dlq_topic], settings.partitions,
                            settings.kafka_extra)
     settings = settings.model_copy(update={"metrics_port": 0})
-    namespace = events[0]["namespace"]
-    wanted = {e["event_id"] for e in events}
+    # a throw-away group reading both answer topics from the start; this run's answers are told
+    # apart by namespace (verdicts) or by the event id prefix (dead letters)
+    reader = Consumer({**settings.kafka_common(), "group.id": f"imgdedup-eval-{uuid.uuid4().hex[:8]}",
+                       "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    reader.subscribe([settings.verdict_topic, settings.dlq_topic])
+    deadline = time.monotonic() + opts.kafka_timeout_s
     log_path = opts.out_dir / "worker.log"
     with log_path.open("ab") as worker_log:
         worker = subprocess.Popen([sys.executable, "-m", "imgdedup", "worker"], env=worker_env(settings),
                                   stdout=worker_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def send(events: list[dict], progress) -> list[dict]:
+            kafka_io.produce_events(settings, events)
+            wanted, got = {e["event_id"] for e in events}, {}
+            while len(got) < len(wanted):
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited with {worker.returncode}; see {log_path}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(wanted) - len(got)} answers missing after {opts.kafka_timeout_s}s; "
+                                       f"see {log_path}")
+                msg = reader.poll(0.2)
+                if msg is None or msg.error():
+                    continue
+                doc = json.loads(msg.value())
+                event_id = doc.get("event_id")
+                if event_id in wanted and event_id not in got:
+                    got[event_id] = doc
+                    if progress:
+                        progress(1)
+            return list(got.values())
+
         try:
-            with _bar(opts, len(events), "published") as bar:
-                kafka_io.produce_events(settings, events, on_progress=bar.update)
-            docs = _collect(settings, namespace, wanted, opts, worker)
+            yield send
         finally:
             _stop(worker)
-    missing = wanted - {d.get("event_id") for d in docs}
-    if missing:
-        docs += [d for d in kafka_io.iter_topic(settings, settings.dlq_topic, idle_timeout_s=3.0)
-                 if d.get("event_id") in missing]
-    return docs
-
-
-def _collect(settings: Settings, namespace: str, wanted: set[str], opts: EvalOptions, worker) -> list[dict]:
-    from imgdedup import kafka_io
-
-    docs: dict[str, dict] = {}
-    deadline = time.monotonic() + opts.kafka_timeout_s
-    with _bar(opts, len(wanted), "verdicts") as bar:
-        for doc in kafka_io.iter_topic(settings, settings.verdict_topic, idle_timeout_s=120.0, deadline=deadline):
-            if doc.get("namespace") == namespace and doc.get("event_id") in wanted and doc["event_id"] not in docs:
-                docs[doc["event_id"]] = doc
-                bar.update(1)
-            if len(docs) == len(wanted) or worker.poll() is not None:
-                break
-    if worker.poll() is not None and len(docs) < len(wanted):
-        log.error("the worker exited with %s; see %s", worker.returncode, opts.out_dir / "worker.log")
-    return list(docs.values())
+            reader.close()
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -323,6 +349,7 @@ def _meta(settings: Settings, opts: EvalOptions, ds: Dataset, features: list, si
         "variants": sum(not it.is_base for it in ds.items),
         "seed": opts.seed,
         "through_kafka": opts.through_kafka,
+        "keep_variants": opts.keep_variants,
         "target_precision": opts.target_precision,
         "margin_bits": opts.margin_bits,
         "margin_cosine": opts.margin_cosine,

@@ -147,27 +147,34 @@ def _squash(im, rng):
 
 
 def _screenshot(im, rng):
-    """The image at about 55 % width inside a light application window with bars and text lines."""
+    """The image at 45-65 % of the width inside an application window: light or dark theme, sidebar,
+    title bar and text lines, all drawn from the seed, so screenshots of different pictures share a
+    style but not a pixel-identical frame (as screenshots from different apps and screens do)."""
     w, h = im.size
-    cw, ch = round(w * 1.8), round(h * 1.6)
-    canvas = Image.new("RGB", (cw, ch), (242, 242, 245))
+    cw, ch = round(w * rng.uniform(1.6, 2.0)), round(h * rng.uniform(1.4, 1.8))
+    dark = rng.random() < 0.5
+    bg, panel, ink = ((32, 34, 40), (45, 48, 56), (120, 125, 135)) if dark else \
+        ((242, 242, 245), (225, 228, 234), (165, 170, 180))
+    canvas = Image.new("RGB", (cw, ch), bg)
     draw = ImageDraw.Draw(canvas)
-    bar = max(12, ch // 18)
-    draw.rectangle((0, 0, cw, bar), fill=(52, 58, 70))
+    bar = max(12, ch // int(rng.integers(14, 22)))
+    draw.rectangle((0, 0, cw, bar), fill=tuple(int(c) for c in rng.integers(20, 90, size=3)))
     for i, colour in enumerate([(237, 106, 94), (245, 191, 79), (98, 197, 84)]):
         draw.ellipse((8 + i * bar, bar // 4, 8 + i * bar + bar // 2, 3 * bar // 4), fill=colour)
-    side = cw // 6
-    draw.rectangle((0, bar, side, ch), fill=(225, 228, 234))
+    side = round(cw * rng.uniform(0.1, 0.22))
+    draw.rectangle((0, bar, side, ch), fill=panel)
     for row in range(bar * 2, ch - bar, max(8, bar)):
-        length = int(rng.integers(side // 3, side - 8))
-        draw.rectangle((8, row, 8 + length, row + max(3, bar // 4)), fill=(170, 175, 185))
-    scaled = im.resize((round(cw * 0.55), round(h * cw * 0.55 / w)), Image.Resampling.LANCZOS)
-    x, y = side + (cw - side - scaled.width) // 2, bar + max(4, (ch - bar - scaled.height) // 3)
+        length = int(rng.integers(max(2, side // 3), max(3, side - 8)))
+        draw.rectangle((8, row, 8 + length, row + max(3, bar // 4)), fill=ink)
+    scale = rng.uniform(0.45, 0.65) * (cw - side) / w
+    scaled = im.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.Resampling.LANCZOS)
+    x = side + int(rng.integers(0, max(1, cw - side - scaled.width)))
+    y = bar + int(rng.integers(0, max(1, (ch - bar - scaled.height) // 2)))
     canvas.paste(scaled, (x, y))
     text_y = y + scaled.height + 8
     while text_y < ch - 10:
-        length = int(rng.integers((cw - side) // 3, cw - side - 40))
-        draw.rectangle((side + 20, text_y, side + 20 + length, text_y + 4), fill=(150, 150, 160))
+        length = int(rng.integers((cw - side) // 4, max((cw - side) // 4 + 1, cw - side - 40)))
+        draw.rectangle((side + 20, text_y, side + 20 + length, text_y + 4), fill=ink)
         text_y += 14
     return canvas
 
@@ -221,7 +228,7 @@ TRANSFORMS: tuple[Transform, ...] = (
     _t("border_10", [_border], description="white border, 10 % of the short side on each side"),
     _t("letterbox_16x9", [_letterbox], description="black bars to a 16:9 frame"),
     _t("squash_70", [_squash], description="height squashed to 70 % (aspect change)"),
-    _t("screenshot", [_screenshot], description="pasted at 55 % width into an application-window canvas"),
+    _t("screenshot", [_screenshot], description="pasted at 45-65 % width into an application window (seeded)"),
     _t("crop_90+resize_50+jpeg_q50", [_crop_area(0.9), _resize(0.5)], ("JPEG", {"quality": 50}, "jpg"),
        "crop 90 %, downscale 50 %, JPEG 50", composed=True),
     _t("rotate_3+crop_90", [_rotate(3), _crop_area(0.9)], description="rotate 3 degrees then crop 90 %",
