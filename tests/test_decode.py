@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from imgdedup.config import load_settings
-from imgdedup.decode import DRAFT_MIN_SIDE, decode, draft_scale
+from imgdedup.decode import DRAFT_MIN_SIDE, FORMATS, decode, draft_scale
 from imgdedup.errors import DeadLetterError, ErrorCode
 from imgdedup.features import phash64
 
@@ -226,3 +226,20 @@ def test_draft_on_the_corpus_never_goes_below_the_floor(corpus_files):
         assert (decoded.width, decoded.height) == full_size
         assert decoded.scale == 1 or min(decoded.image.size) >= DRAFT_MIN_SIDE
         assert decoded.image.size == tuple(-(-side // decoded.scale) for side in full_size)
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "AVIF", "BMP", "TIFF", "GIF", "PNG", "JPEG"])
+def test_supported_formats_decode_to_rgb(fmt):
+    if fmt not in FORMATS:
+        pytest.skip(f"this Pillow build cannot open {fmt}")
+    im = Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    decoded = decode(encode(im, fmt), DRAFT)
+    assert decoded.format == fmt and decoded.image.mode == "RGB" and decoded.image.size == (40, 24)
+
+
+def test_mpo_from_a_camera_decodes_its_first_picture(landscape):
+    """Phones write MPO (JPEG with extra pictures); Pillow opens it through the JPEG plugin."""
+    data = encode(landscape, "MPO", save_all=True, append_images=[landscape.rotate(180)])
+    decoded = decode(data, DRAFT)
+    assert decoded.format == "MPO" and decoded.scale == 2
+    assert bits(phash64(decoded.image), phash64(landscape)) <= 4

@@ -3,11 +3,11 @@
 Canonical means: the first frame, EXIF orientation applied, transparency flattened onto white,
 8-bit RGB. Guards run on the header before any pixel is decoded (Pillow's ``Image.open`` is lazy).
 
-JPEG draft decoding (DCT scaling by 1/2, 1/4, 1/8) is the fast path. It is not free: on the corpus
-it changes the pHash by 2 bits on ~1 image in 7 even at 1/2 scale, and more at coarser scales (see
-docs-parts/decode.md). ``DRAFT_MIN_SIDE`` is the measured floor that bounds the change at 2 bits
-and keeps near-duplicate distances as they are with full decoding; ``draft_decode=false`` gives
-exactly imagehash's pHash of the full image.
+JPEG draft decoding (DCT scaling by 1/2, 1/4, 1/8) is the fast path (~1.9x). It is not free: no
+draft scale keeps the pHash identical on every image (even 1/2 changes 2 bits on 11 of the 78 corpus
+photos; see docs-parts/decode.md). ``DRAFT_MIN_SIDE`` is the measured floor: ~10% of corpus images
+and variants change, by 2 bits (at most 4), and original-to-variant distances stay as with full
+decoding. ``draft_decode=false`` gives exactly imagehash's pHash of the full image.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from PIL import Image, ImageFile, ImageOps
 from imgdedup.config import Settings
 from imgdedup.errors import DeadLetterError, ErrorCode
 
-#: Formats we decode. Others (EPS runs Ghostscript; exotic parsers are attack surface) are "not an image".
-FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG's opener also returns MPO files
-# (naming "MPO" here raises KeyError: Pillow has no separate opener for it)
+#: Formats we decode, if this Pillow build can (naming one it lacks would make Image.open raise
+#: KeyError). JPEG's opener also returns MPO files (phones); "MPO" has no opener of its own. Others
+#: (EPS runs Ghostscript; exotic parsers are attack surface) are "not an image".
+Image.init()
+FORMATS = tuple(f for f in ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF") if f in Image.OPEN)
 
-#: Draft decoding never leaves the shorter side below this many pixels (measured: pHash within 2 bits).
+#: Draft decoding never leaves the shorter side below this many pixels (measured: pHash within 4 bits).
 DRAFT_MIN_SIDE = 256
 
 #: Background transparent pixels are flattened onto, so a logo on alpha hashes like the same logo on white.
