@@ -95,9 +95,27 @@ def signal_report(ds: Dataset, scores: np.ndarray, sig: Signal, target_precision
     calibration = M.sweep(scores[masks["with_original"]], ds.same[masks["with_original"]], sig.higher_is_closer)
     out["at_target"] = M.threshold_at_precision(calibration, target_precision)
     out["recommended"] = _recommend(out, calibration, sig, margin)
+    out["candidates"] = candidate_table(ds, scores, sig, masks)
     out["ranking_at_threshold"] = M.ranking_metrics(scores, ds.same, sig.higher_is_closer, sig.threshold)
     out["ranking_full"] = M.ranking_metrics(scores, ds.same, sig.higher_is_closer)
     return out
+
+
+def candidate_table(ds: Dataset, scores: np.ndarray, sig: Signal, masks: dict) -> list[dict]:
+    """Recall of copies against their own original, and false pairs (with an original / any), at a
+    ladder of thresholds around the configured one: the table a threshold is chosen from."""
+    if sig.higher_is_closer:
+        ladder = sorted({round(t, 2) for t in np.arange(0.5, 0.96, 0.05)} | {sig.threshold})
+    else:
+        ladder = sorted(set(range(0, 17, 2)) | {int(sig.threshold)})
+    copies = masks["with_original"] & ds.same
+    copy_scores = scores[copies]
+    with_orig, anywhere = scores[masks["distinct_with_original"]], scores[masks["cross_family"]]
+    return [{"threshold": t,
+             "recall_vs_original": float(M.predicted(copy_scores, t, sig.higher_is_closer).mean()),
+             "false_pairs_with_original": int(M.predicted(with_orig, t, sig.higher_is_closer).sum()),
+             "false_pairs_any": int(M.predicted(anywhere, t, sig.higher_is_closer).sum())}
+            for t in ladder]
 
 
 def _closest_pair(ds: Dataset, scores: np.ndarray, mask: np.ndarray, higher_is_closer: bool) -> dict | None:

@@ -99,6 +99,21 @@ def signal_markdown(results: dict) -> list[str]:
     return lines
 
 
+def candidates_markdown(results: dict) -> list[str]:
+    """Per signal, a ladder of thresholds: recall of copies vs their original and the false pairs."""
+    lines = []
+    for name, sig in results["signals"].items():
+        lines += [f"**{_label(name)}** ({sig['unit']})", "",
+                  "| threshold | recall of copies vs their original | false pairs with an original | "
+                  "false pairs (any two different pictures) |", "|---|---|---|---|"]
+        for c in sig.get("candidates", []):
+            mark = " (configured)" if c["threshold"] == sig["configured"] else ""
+            lines.append(f"| {_cmp(sig)} {_fmt(c['threshold'], 2)}{mark} | {c['recall_vs_original']:.3f} | "
+                         f"{c['false_pairs_with_original']} | {c['false_pairs_any']} |")
+        lines.append("")
+    return lines
+
+
 def _closest(c: dict | None) -> str:
     return "–" if c is None else f"{_fmt(c['score'])} (`{c['a']}` vs `{c['b']}`)"
 
@@ -149,6 +164,7 @@ def write_markdown(results: dict, path: Path, plots: list[Path]) -> Path:
         "taken on pairs that contain an original: it reaches the target precision there and keeps the "
         "margin from the closest such distinct pair.", "",
         *signal_markdown(results), "",
+        "## Threshold ladder", "", *candidates_markdown(results),
     ]
     if results.get("verdict"):
         lines += ["## Verdicts (the real pipeline)", "", *verdict_markdown(results["verdict"]), ""]
