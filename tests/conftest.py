@@ -79,7 +79,9 @@ def kafka_settings(kafka_broker, make_settings):
         tag = uuid.uuid4().hex[:8]
         settings = make_settings(
             kafka_bootstrap=kafka_broker.address, input_topic=f"images-{tag}", verdict_topic=f"verdicts-{tag}",
-            dlq_topic=f"dlq-{tag}", consumer_group=f"group-{tag}", partitions=partitions, **overrides,
+            dlq_topic=f"dlq-{tag}", consumer_group=f"group-{tag}", partitions=partitions,
+            # Short group timeouts: Tansu's joins and rebalances wait on them (3 s / 11 s instead of 23 s / 80 s).
+            **{"session_timeout_ms": 6000, "max_poll_interval_ms": 10000, **overrides},
         )
         devstack.create_topics(settings.kafka_bootstrap,
                                [settings.input_topic, settings.verdict_topic, settings.dlq_topic], partitions)

@@ -38,7 +38,10 @@ class Settings(BaseSettings):
     partitions: int = Field(6, ge=1, le=10_000, description="Partitions of the topics `dev up` creates.")
     batch_size: int = Field(64, ge=1, le=10_000, description="Most events taken from Kafka per batch.")
     batch_timeout_s: float = Field(0.05, gt=0, le=60, description="Longest wait to fill a batch.")
-    max_poll_interval_ms: int = Field(300_000, ge=10_000, description="librdkafka max.poll.interval.ms.")
+    max_poll_interval_ms: int = Field(
+        300_000, ge=5_000, description="librdkafka max.poll.interval.ms (also the rebalance timeout); above the slowest batch."
+    )
+    session_timeout_ms: int = Field(45_000, ge=1_000, description="librdkafka session.timeout.ms of the worker's group.")
 
     # --- Redis -------------------------------------------------------------------------------
     redis_url: SecretStr = Field(

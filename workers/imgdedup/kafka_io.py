@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
 
 from imgdedup import messages
 from imgdedup.config import Settings
@@ -37,6 +36,8 @@ def consumer_config(settings: Settings, group: str | None = None, **extra) -> di
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
         "max.poll.interval.ms": settings.max_poll_interval_ms,
+        "session.timeout.ms": settings.session_timeout_ms,
+        "heartbeat.interval.ms": max(settings.session_timeout_ms // 3, 100),
         "client.id": "imgdedup",
         **extra,
     }
@@ -69,24 +70,24 @@ def produce_events(settings: Settings, events: list[dict], on_progress=None) -> 
 
 def iter_topic(settings: Settings, topic: str, *, from_beginning: bool = True, follow: bool = False,
                idle_timeout_s: float = 5.0, deadline: float | None = None) -> Iterator[dict]:
-    """JSON documents of a topic, read with a throw-away consumer group (nothing is committed).
+    """JSON documents of a topic. Reads every partition by assignment, not through a consumer group:
+    nothing is committed and there is no group join to wait for.
 
     Stops after `idle_timeout_s` without a message (unless following) or at the monotonic `deadline`."""
-    consumer = Consumer({**settings.kafka_common(), "group.id": f"imgdedup-reader-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest" if from_beginning else "latest",
-                         "enable.auto.commit": False})
-    consumer.subscribe([topic])
-    last = time.monotonic()
+    consumer = Consumer({**settings.kafka_common(), "group.id": "imgdedup-reader", "enable.auto.commit": False,
+                         "enable.partition.eof": False})
     try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
+        last = time.monotonic()
         while (follow or time.monotonic() - last < idle_timeout_s) and (
                 deadline is None or time.monotonic() < deadline):
             msg = consumer.poll(0.2)
             if msg is None:
                 continue
             if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    raise RuntimeError(f"reading {topic}: {msg.error()}")
-                continue
+                raise RuntimeError(f"reading {topic}: {msg.error()}")
             last = time.monotonic()
             yield json.loads(msg.value())
     finally:
