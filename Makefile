@@ -19,12 +19,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Debian's prometheus (prometheus + promtool) for the alert-rule and live-scrape tests.
-deps-system:
-	@command -v promtool >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else echo "promtool missing: sudo apt-get install prometheus" >&2; exit 1; fi; }
+# Debian's prometheus (prometheus + promtool) and docker-compose in its own venv, for the deploy checks.
+deps-system: install
+	bash deploy/install-tools.sh
 
 test: install deps-system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

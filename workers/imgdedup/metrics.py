@@ -26,8 +26,9 @@ RETRIES = Counter("imgdedup_retries", "Retries after a transient error, by depen
 ERRORS = Counter("imgdedup_errors", "Transient errors from Kafka or Redis, by dependency.", ["dependency"])
 STAGE_SECONDS = Histogram(
     "imgdedup_stage_seconds",
-    "Time spent per batch in each pipeline stage.",
-    ["stage"],  # fetch, decode, hash, embed, index_query, index_write, produce
+    "Time in each pipeline stage: per event for fetch, decode and hash (run in parallel threads); "
+    "per batch for embed, index_write, index_query and produce.",
+    ["stage"],
     buckets=_STAGE_BUCKETS,
 )
 END_TO_END_SECONDS = Histogram(
@@ -69,6 +70,24 @@ REDIS_USED_MEMORY = Gauge("imgdedup_redis_used_memory_bytes", "Redis used_memory
 REDIS_MAX_MEMORY = Gauge("imgdedup_redis_maxmemory_bytes", "Redis maxmemory (0 = no limit).")
 READY = Gauge("imgdedup_ready", "1 when connected to Kafka and Redis with partitions assigned.")
 BUILD_INFO = Gauge("imgdedup_build_info", "Version and feature versions of this worker.", ["version", "features"])
+
+def _initialise_labels() -> None:
+    """Create every known label combination at zero, so the first dead letter of a code (or the first
+    Redis error) is an increase that rate() can see, not a series that appears already at 1."""
+    from imgdedup.errors import ErrorCode
+
+    for code in ErrorCode:
+        DEAD_LETTERS.labels(code.value)
+    for dependency in ("kafka", "redis"):
+        ERRORS.labels(dependency)
+        RETRIES.labels(dependency)
+    for stage in STAGES:
+        STAGE_SECONDS.labels(stage)
+
+
+#: Pipeline stages timed by imgdedup_stage_seconds.
+STAGES = ("fetch", "decode", "hash", "embed", "index_write", "index_query", "produce")
+_initialise_labels()
 
 _seen_namespaces: set[str] = set()
 _ns_lock = threading.Lock()
