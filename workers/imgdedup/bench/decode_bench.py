@@ -4,7 +4,9 @@ Run ``python -m imgdedup.bench.decode_bench`` (``--help`` for options). It print
 
 1. per draft policy (the shorter side JPEG draft decoding may not go below; "full" = no draft):
    how many corpus images and variants get a pHash different from the full decode, by how many
-   bits at most, and single-thread images/s of decode + hash_features on the corpus;
+   bits at most; the mean and max Hamming distance between an original and its variants when both
+   are hashed under the policy (does drafting hurt near-duplicate matching?); and single-thread
+   images/s of decode + hash_features on the corpus;
 2. batch throughput of full and draft decoding on 1 thread, 2 threads and 2 processes.
 
 Numbers vary with machine load; each speed is the best of ``--repeat`` runs.
@@ -15,17 +17,27 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import imagehash
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from imgdedup.config import Settings, load_settings
-from imgdedup.decode import DRAFT_MIN_SIDE, decode
-from imgdedup.features import hash_features, phash64
+from imgdedup.decode import DRAFT_MIN_SIDE, FORMATS, decode, draft_scale, to_rgb
+from imgdedup.features import (
+    detail_from_dct,
+    grey32,
+    hash_features,
+    low_dct,
+    phash64,
+    phash_from_dct,
+    sha256_hex,
+)
 
 CORPUS = Path(__file__).resolve().parents[3].parent / "shared" / "corpus" / "base"
 #: Draft floors compared (None = full decode).
@@ -54,13 +66,14 @@ def make_variants(data: bytes, names: tuple[str, ...] = tuple(VARIANTS)) -> dict
     return out
 
 
+def _definition(data: bytes) -> int:
+    """imagehash.phash of the full decode: the pHash's definition (corpus files carry no EXIF orientation)."""
+    return int(str(imagehash.phash(Image.open(io.BytesIO(data)).convert("RGB"))), 16)
+
+
 def draft_deviation(blobs: list[bytes], settings: Settings, floor: int | None) -> list[int]:
     """pHash bits changed by draft decoding at ``floor`` versus imagehash on the full decode, per blob."""
-    out = []
-    for data in blobs:
-        exact = int(str(imagehash.phash(Image.open(io.BytesIO(data)).convert("RGB"))), 16)
-        out.append((exact ^ _phash(data, settings, floor)).bit_count())
-    return out
+    return [(_definition(data) ^ _phash(data, settings, floor)).bit_count() for data in blobs]
 
 
 def _phash(data: bytes, settings: Settings, floor: int | None) -> int:
@@ -81,35 +94,46 @@ def _settings(draft: bool) -> Settings:
     return load_settings(draft_decode=draft)
 
 
-def _best_rates(runs: dict[str, Callable[[], int]], repeat: int) -> dict[str, float]:
-    """Images/s of each run, best of ``repeat`` rounds; rounds interleave the runs so a burst of load
-    from other processes hits them alike."""
-    best = dict.fromkeys(runs, 0.0)
+def _best_rates(runs: dict[str, Callable[[], int]], repeat: int) -> dict[str, tuple[float, float]]:
+    """(images per wall second, images per CPU second of this process) of each run, best of ``repeat``.
+
+    Rounds interleave the runs so a burst of load from other processes hits them alike; the CPU rate
+    is what a single thread gets on an idle core (it ignores time spent waiting for one), and is
+    meaningless for the process pool, whose work is done in its children.
+    """
+    best = {name: (0.0, 0.0) for name in runs}
     for _ in range(repeat):
         for name, run in runs.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             n = run()
-            best[name] = max(best[name], n / (time.perf_counter() - start))
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[name] = (max(best[name][0], n / wall), max(best[name][1], n / max(cpu, 1e-9)))
     return best
 
 
 def policy_table(blobs: list[bytes], repeat: int) -> list[tuple]:
+    """Per policy: images, how many differ from the definition, max bits, mean and max distance between
+    each original and its variants (both hashed under the policy), and speeds."""
     settings = load_settings()
     variant_sets = {name: [make_variants(b, (name,))[name] for b in blobs] for name in VARIANTS}
-    runs = {"definition": lambda: sum(1 for b in blobs if imagehash.phash(Image.open(io.BytesIO(b)).convert("RGB")))}
+    runs = {"definition": lambda: sum(1 for b in blobs if _definition(b) >= 0)}
     accuracy = {}
     for floor in POLICIES:
-        diffs = draft_deviation(blobs, settings, floor)
+        base = [_phash(b, settings, floor) for b in blobs]
+        diffs = [(h ^ _definition(b)).bit_count() for h, b in zip(base, blobs)]
+        pairs = []
         for vblobs in variant_sets.values():
-            diffs += draft_deviation(vblobs, settings, floor)
-        accuracy[floor] = (len(diffs), sum(d > 0 for d in diffs), max(diffs))
+            hashes = [_phash(b, settings, floor) for b in vblobs]
+            diffs += [(h ^ _definition(b)).bit_count() for h, b in zip(hashes, vblobs)]
+            pairs += [(h ^ o).bit_count() for h, o in zip(hashes, base)]
+        accuracy[floor] = (len(diffs), sum(d > 0 for d in diffs), max(diffs), sum(pairs) / len(pairs), max(pairs))
         args = [(b, floor is not None, floor or 0) for b in blobs]
         runs[str(floor)] = lambda args=args: len([_work(a) for a in args])
     speed = _best_rates(runs, repeat)
-    rows = [("imagehash.phash(Image.open) (definition)", "", "", "", speed["definition"])]
+    rows = [("imagehash.phash(Image.open) (definition)", "", "", "", "", "", *speed["definition"])]
     for floor in POLICIES:
         label = "full decode" if floor is None else f"draft, shorter side >= {floor}"
-        rows.append((label, *accuracy[floor], speed[str(floor)]))
+        rows.append((label, *accuracy[floor], *speed[str(floor)]))
     return rows
 
 
@@ -125,8 +149,55 @@ def parallel_table(blobs: list[bytes], repeat: int, copies: int = 4) -> list[tup
             for name, pool in (("threads", threads), ("procs", procs)):
                 runs[(draft, name)] = lambda args=args, pool=pool: len(_map(pool, args))
         speed = _best_rates(runs, repeat)
-    return [("draft" if d else "full", speed[(d, "serial")], speed[(d, "threads")], speed[(d, "procs")])
+    return [("draft" if d else "full", speed[(d, "serial")][0], speed[(d, "threads")][0], speed[(d, "procs")][0])
             for d in (False, True)]
+
+
+def gil_table(blobs: list[bytes], repeat: int) -> list[tuple[str, float, float]]:
+    """CPU ms per image of each step of decode + hash_features, and whether it holds the GIL.
+
+    Thread CPU time does not count time spent waiting for a core, so this holds on a busy machine
+    too. The steps mirror ``decode``/``hash_features``; Pillow's decoders, ``convert`` and ``resize``
+    and hashlib (on large buffers) run without the GIL. With ``held`` ms of GIL-bound work out of
+    ``total``, two threads can reach at most min(2, total / held) times one thread.
+    """
+    steps = ("open header", "decode pixels", "orient + RGB", "grey 32x32", "DCT + median", "sha256")
+    held_steps = ("open header", "DCT + median")
+    rows = []
+    for draft in (False, True):
+        best = dict.fromkeys(steps, float("inf"))
+        for _ in range(repeat):
+            spent = np.zeros(len(steps))
+            for data in blobs:
+                spent += np.diff(_timed_steps(data, draft))
+            best = {k: min(best[k], v * 1000 / len(blobs)) for k, v in zip(steps, spent)}
+        mode = "draft" if draft else "full"
+        total, held = sum(best.values()), sum(best[k] for k in held_steps)
+        rows += [(mode, k + (" (GIL)" if k in held_steps else ""), v) for k, v in best.items()]
+        rows.append((mode, f"total; 2-thread bound min(2, total/GIL) = {min(2.0, total / held):.2f}", total))
+    return rows
+
+
+def _timed_steps(data: bytes, draft: bool) -> list[float]:
+    """Thread CPU clock before and after each step of decode + hash_features on one image."""
+    marks = [time.thread_time()]
+    im = Image.open(io.BytesIO(data), formats=FORMATS)
+    scale = draft_scale(*im.size, DRAFT_MIN_SIDE) if draft else 1
+    if scale > 1:
+        im.draft("RGB", (im.width // scale, im.height // scale))
+    marks.append(time.thread_time())
+    im.load()
+    marks.append(time.thread_time())
+    rgb = to_rgb(ImageOps.exif_transpose(im))
+    marks.append(time.thread_time())
+    grey = grey32(rgb)
+    marks.append(time.thread_time())
+    low = low_dct(grey)
+    phash_from_dct(low), detail_from_dct(low)
+    marks.append(time.thread_time())
+    sha256_hex(data)
+    marks.append(time.thread_time())
+    return marks
 
 
 def _map(pool: Executor, args: list) -> list:
@@ -138,16 +209,32 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, default=CORPUS, help="directory of *.jpg (default: shared corpus)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per speed, best kept")
+    parser.add_argument("--only", choices=("policy", "gil", "parallel"), help="print just one of the tables")
     args = parser.parse_args(argv)
     blobs = [p.read_bytes() for p in sorted(args.corpus.glob("*.jpg"))]
-    print(f"{len(blobs)} corpus images; variants: orig + {', '.join(VARIANTS)}\n")
-    print(f"{'policy':<38} {'images':>6} {'differ':>6} {'max bits':>8} {'img/s (1 thread)':>17}")
-    for label, n, differ, worst, speed in policy_table(blobs, args.repeat):
-        print(f"{label:<38} {n!s:>6} {differ!s:>6} {worst!s:>8} {speed:>17.0f}")
-    print(f"\nbatch of {len(blobs) * 4} images, decode + hash_features, images/s (draft floor {DRAFT_MIN_SIDE})")
+    print(f"{len(blobs)} corpus images; variants: orig + {', '.join(VARIANTS)}; load {_load()}\n")
+    if args.only in (None, "policy"):
+        print(f"{'policy':<41} {'images':>6} {'differ':>6} {'max bits':>8} {'var mean':>8} {'var max':>7}"
+              f" {'img/s':>6} {'img/CPU-s':>9}")
+        for label, n, differ, worst, vmean, vmax, wall, cpu in policy_table(blobs, args.repeat):
+            vmean = f"{vmean:.2f}" if vmean != "" else ""
+            print(f"{label:<41} {n!s:>6} {differ!s:>6} {worst!s:>8} {vmean:>8} {vmax!s:>7} {wall:>6.0f} {cpu:>9.0f}")
+    if args.only in (None, "gil"):
+        print(f"\nCPU ms per image (thread CPU time, so machine load does not inflate it); load {_load()}")
+        for mode, step, ms in gil_table(blobs, args.repeat):
+            print(f"{mode:<6} {step:<52} {ms:>6.2f}")
+    if args.only in ("policy", "gil"):
+        return
+    print(f"\nbatch of {len(blobs) * 4} images, decode + hash_features, images/s (draft floor {DRAFT_MIN_SIDE});"
+          f" load {_load()}")
     print(f"{'decode':<8} {'1 thread':>9} {'2 threads':>10} {'2 procs':>8} {'thr/1':>6} {'proc/thr':>9}")
     for label, serial, threads, procs in parallel_table(blobs, args.repeat):
         print(f"{label:<8} {serial:>9.0f} {threads:>10.0f} {procs:>8.0f} {threads / serial:>6.2f} {procs / threads:>9.2f}")
+    print(f"load at the end {_load()} (1/5/15-min load average; other processes make wall-clock rates noisy)")
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":
