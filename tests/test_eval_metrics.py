@@ -19,9 +19,12 @@ def test_sweep_over_hamming_distances():
     np.testing.assert_allclose(s.recall, [1 / 3, 2 / 3, 1, 1])
     np.testing.assert_allclose(s.fpr, [0, 0.5, 0.5, 1])
     # precision 1.0 only at radius 0 (recall 1/3); at >= 0.7 radius 5 wins with recall 1
-    assert m.threshold_at_precision(s, 1.0) == {"threshold": 0.0, "precision": 1.0, "recall": 1 / 3, "fpr": 0.0}
+    assert m.threshold_at_precision(s, 1.0) == {"threshold": 0.0, "precision": 1.0, "recall": 1 / 3, "fpr": 0.0,
+                                                "fails_at": 2.0}
     assert m.threshold_at_precision(s, 0.7)["threshold"] == 5.0
     assert m.threshold_at_precision(s, 0.7)["recall"] == 1.0
+    assert m.threshold_at_precision(s, 0.7)["fails_at"] == 9.0
+    assert m.threshold_at_precision(s, 0.5)["fails_at"] is None  # every threshold reaches 0.5
     assert m.closest_negative(dist, lab, higher_is_closer=False) == 2.0
 
 

@@ -88,3 +88,18 @@ def test_eval_cli_lists_transforms_and_rejects_unknown_ones():
     assert listed.exit_code == 0 and "letterbox_16x9" in listed.output
     bad = runner.invoke(cli, ["eval", "--transform", "nope", "--no-verdicts"])
     assert bad.exit_code != 0 and "unknown transforms" in bad.output
+
+
+@pytest.mark.slow
+def test_eval_through_kafka_with_a_worker_process(kafka_settings, small_bases, tmp_path):
+    """The same verdicts when events go through the input topic and a real `imgdedup worker`."""
+    settings = kafka_settings(partitions=2)
+    opts = EvalOptions(bases_dir=small_bases, out_dir=tmp_path, transforms=("exact_copy", "jpeg_q50"),
+                       limit_bases=2, through_kafka=True, embedded_redis=False, progress=False,
+                       kafka_timeout_s=120)
+    run = evaluate(settings, opts)
+    assert [v["verdict"] for v in run.verdicts] == ["unique", "unique", "exact_duplicate", "near_duplicate",
+                                                    "exact_duplicate", "near_duplicate"]
+    items = run.dataset.items
+    assert all(v["duplicate_of"] == it.family for v, it in zip(run.verdicts[2:], items[2:]))
+    assert (tmp_path / "worker.log").exists()

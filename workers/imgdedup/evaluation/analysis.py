@@ -90,8 +90,9 @@ def signal_report(ds: Dataset, scores: np.ndarray, sig: Signal, target_precision
                            "fpr": float(hit.mean()) if len(vals) else 0.0,
                            "closest": _closest_pair(ds, scores, masks[population], sig.higher_is_closer)}
     result = M.sweep(flat, labels, sig.higher_is_closer)
-    out["sweep"] = {"thresholds": result.thresholds.tolist(), "precision": result.precision.tolist(),
-                    "recall": result.recall.tolist(), "fpr": result.fpr.tolist()}
+    keep = _thin(len(result.thresholds))
+    out["sweep"] = {"thresholds": result.thresholds[keep].tolist(), "precision": result.precision[keep].tolist(),
+                    "recall": result.recall[keep].tolist(), "fpr": result.fpr[keep].tolist()}
     calibration = M.sweep(scores[masks["with_original"]], ds.same[masks["with_original"]], sig.higher_is_closer)
     out["at_target"] = M.threshold_at_precision(calibration, target_precision)
     out["recommended"] = _recommend(out, calibration, sig, margin)
@@ -99,6 +100,14 @@ def signal_report(ds: Dataset, scores: np.ndarray, sig: Signal, target_precision
     out["ranking_at_threshold"] = M.ranking_metrics(scores, ds.same, sig.higher_is_closer, sig.threshold)
     out["ranking_full"] = M.ranking_metrics(scores, ds.same, sig.higher_is_closer)
     return out
+
+
+def _thin(n: int, points: int = 600) -> np.ndarray:
+    """Indices of at most `points` sweep rows, ends included: cosine sweeps have a row per distinct
+    pair score (millions), far more than a curve or a JSON file needs."""
+    if n <= points:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, points).round().astype(int))
 
 
 def candidate_table(ds: Dataset, scores: np.ndarray, sig: Signal, masks: dict) -> list[dict]:
@@ -129,25 +138,24 @@ def _closest_pair(ds: Dataset, scores: np.ndarray, mask: np.ndarray, higher_is_c
 
 def _recommend(out: dict, result: M.Sweep, sig: Signal, margin: float) -> dict | None:
     """The threshold to configure, from the pairs that contain an original (copy vs original,
-    original vs original, copy vs another original): it reaches the target precision there AND keeps
-    `margin` (bits or cosine) away from the closest such distinct pair; with its recall of copies.
+    original vs original, copy vs another original): `margin` (bits or cosine) stricter than the
+    score where precision there falls below the target for good (with target 1.0: the closest
+    distinct pair). Reported with its recall of copies vs their original.
 
     Pairs of two copies of different originals (two pictures in the same screenshot frame) are
     left out of this choice on purpose: the report shows them separately as 'closest distinct (any)'."""
-    closest = out["distinct_with_original"]["closest"]
-    if closest is None:
+    at = out["at_target"]
+    if at is None:
         return None
-    if sig.higher_is_closer:
-        safe = round(closest["score"] + margin, 3)
-        if out["at_target"] is not None:
-            safe = max(safe, out["at_target"]["threshold"])
+    fails = at["fails_at"]
+    if fails is None:  # the target holds at every threshold seen: nothing to keep a margin from
+        safe = at["threshold"]
+    elif sig.higher_is_closer:
+        safe = round(min(fails + margin, 1.0), 3)
     else:
-        safe = int(closest["score"]) - 1 - int(margin)
-        if out["at_target"] is not None:
-            safe = min(safe, int(out["at_target"]["threshold"]))
-        safe = max(safe, 0)
-    flat_mask = M.predicted(result.thresholds, safe, sig.higher_is_closer)
-    recall = float(result.recall[flat_mask].max()) if flat_mask.any() else 0.0
+        safe = max(int(fails) - 1 - int(margin), 0)
+    hit = M.predicted(result.thresholds, safe, sig.higher_is_closer)
+    recall = float(result.recall[hit].max()) if hit.any() else 0.0
     return {"threshold": safe, "margin": margin, "recall": recall}
 
 

@@ -87,13 +87,17 @@ def sweep(scores: np.ndarray, labels: np.ndarray, higher_is_closer: bool) -> Swe
 
 
 def threshold_at_precision(result: Sweep, target: float) -> dict | None:
-    """The loosest threshold whose precision is still >= target (the most recall it allows), or None."""
+    """The loosest threshold whose precision is still >= target (the most recall it allows), or None.
+
+    `fails_at` is the next looser score, where precision drops below the target for good: any
+    threshold between the two behaves the same on this data, and a margin is kept from `fails_at`."""
     ok = np.flatnonzero(result.precision >= target - 1e-12)
     if not len(ok):
         return None
-    best = ok[np.argmax(result.recall[ok])]
+    best = ok[-1]  # recall only grows with looser thresholds
+    fails = float(result.thresholds[best + 1]) if best + 1 < len(result.thresholds) else None
     return {"threshold": float(result.thresholds[best]), "precision": float(result.precision[best]),
-            "recall": float(result.recall[best]), "fpr": float(result.fpr[best])}
+            "recall": float(result.recall[best]), "fpr": float(result.fpr[best]), "fails_at": fails}
 
 
 def closest_negative(scores: np.ndarray, labels: np.ndarray, higher_is_closer: bool) -> float | None:
