@@ -309,8 +309,13 @@ def worker_command(ctx) -> None:
     """Consume image events and publish verdicts until SIGTERM/SIGINT."""
     from imgdedup.cli import settings_from
 
+    from imgdedup.embedders import EmbedderUnavailable
+
     settings = settings_from(ctx)
-    worker = Worker(settings)
+    try:
+        worker = Worker(settings)
+    except EmbedderUnavailable as exc:  # missing weights or extra: say what to provide, start nothing
+        raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     server = HealthServer(settings.metrics_host, settings.metrics_port, worker.ready).start() \
