@@ -110,7 +110,7 @@ def test_clip_is_evidence_unless_enabled_as_a_signal(make_settings, clip_checkpo
         assert mirror["verdict"] == "unique"  # phash misses a mirror image; clip evidence alone decides nothing
     finally:
         pipeline.close()
-    enabled = make_settings(**common, clip_is_duplicate_signal=True, clip_threshold=0.0)
+    enabled = make_settings(**{**common, "clip_threshold": 0.0}, clip_is_duplicate_signal=True)
     pipeline = Pipeline(enabled, embedders=build_embedders(enabled))
     try:
         pipeline.process_events([event(k, v, ns="clip-on")])
