@@ -177,7 +177,11 @@ def run_verdicts(settings: Settings, ds: Dataset, opts: EvalOptions) -> list[dic
                                    else _pipeline_runner(settings))
         upserts, deletes = make_events(ds, namespace), make_events(ds, namespace, op="delete")
         bases = [i for i, it in enumerate(ds.items) if it.is_base]
-        rest = [i for i, it in enumerate(ds.items) if not it.is_base]
+        # transform-major order: a batch holds one transform of many bases, so batch mates are
+        # copies of *other* pictures (never siblings that would stand in for the original)
+        rank = {t: k for k, t in enumerate(dict.fromkeys(it.transform for it in ds.items))}
+        rest = sorted((i for i, it in enumerate(ds.items) if not it.is_base),
+                      key=lambda i: (rank[ds.items[i].transform], i))
         rounds = [bases] + ([rest] if opts.keep_variants else
                             [rest[k: k + opts.batch_size] for k in range(0, len(rest), opts.batch_size)])
         docs: list[dict] = []
