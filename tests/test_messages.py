@@ -66,7 +66,7 @@ def test_built_messages_conform():
     verdict = messages.make_verdict(
         event, verdict="near_duplicate", duplicate_of="img-0",
         matches=[{"image_id": "img-0", "signal": "phash", "distance": 3, "canonical": "img-0"}],
-        sha256="a" * 64, phash="0123456789abcdef", low_detail=False, features={"phash": "imagehash-phash-8x4"})
+        sha256="a" * 64, phash="0123456789abcdef", low_detail=False, features={"phash": "imagehash-phash-8x4+draft256"})
     assert messages.problems(messages.VERDICT, verdict) == []
     assert verdict["latency_ms"] >= 0 and verdict["attributes"] == {"a": "b"}
     dead = messages.make_dead_letter(DeadLetterError(ErrorCode.NOT_AN_IMAGE, "garbage"), key=b"k",

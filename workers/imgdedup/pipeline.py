@@ -19,7 +19,7 @@ import redis
 
 from imgdedup import messages, metrics
 from imgdedup.config import Settings
-from imgdedup.decode import decode
+from imgdedup.decode import DRAFT_MIN_SIDE, decode
 from imgdedup.errors import DeadLetterError, ErrorCode
 from imgdedup.features import hash_features, phash_hex
 from imgdedup.fetch import Fetcher
@@ -27,8 +27,13 @@ from imgdedup.store import ImageFeatures, IndexStore
 
 log = logging.getLogger(__name__)
 
-#: Version of the pHash definition recorded in verdicts (imagehash.phash, hash_size 8, highfreq 4).
+#: The pHash definition recorded in verdicts: imagehash.phash (hash_size 8, highfreq 4), and with draft
+#: decoding on, the draft floor, because drafting moves ~10 % of hashes by up to 4 bits (docs: decode).
 PHASH_VERSION = "imagehash-phash-8x4"
+
+
+def phash_version(settings: Settings) -> str:
+    return PHASH_VERSION + (f"+draft{DRAFT_MIN_SIDE}" if settings.draft_decode else "")
 
 #: Exceptions that mean "Redis is unavailable right now": retry the batch, never dead-letter it.
 TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
@@ -84,7 +89,7 @@ class FeatureExtractor:
         self.min_side = max([settings.sscd_input_size] if embedders else [0])
         self.fetcher = Fetcher(settings)
         self.pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="decode")
-        self.versions = {"phash": PHASH_VERSION} | {e.name: e.version for e in embedders}
+        self.versions = {"phash": phash_version(settings)} | {e.name: e.version for e in embedders}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
