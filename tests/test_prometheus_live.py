@@ -138,6 +138,8 @@ def _worker_env(tag: str, kafka: str, redis_url: str, port: int) -> dict[str, st
         "IMGDEDUP_INPUT_TOPIC": f"images-{tag}", "IMGDEDUP_VERDICT_TOPIC": f"verdicts-{tag}",
         "IMGDEDUP_DLQ_TOPIC": f"dlq-{tag}", "IMGDEDUP_CONSUMER_GROUP": f"group-{tag}", "IMGDEDUP_PARTITIONS": "2",
         "IMGDEDUP_METRICS_HOST": "127.0.0.1", "IMGDEDUP_METRICS_PORT": str(port),
+        # Short group timeouts: Tansu's first join waits on them (about 3 s instead of 23 s).
+        "IMGDEDUP_SESSION_TIMEOUT_MS": "6000", "IMGDEDUP_MAX_POLL_INTERVAL_MS": "10000",
     })
     return env
 
