@@ -91,8 +91,8 @@ class IndexStore:
         if replaced:  # a new picture under an old id is a new image: drop every trace of the old one
             self._remove(replaced)
         with metrics.STAGE_SECONDS.labels("index_write").time():
-            self._write(images)
-            seqs = self._commit_all(images)
+            written = self._write(images)
+            seqs = self._commit_all(images, written)
         with metrics.STAGE_SECONDS.labels("index_query").time():
             candidates = self._query(images)
             self._resolve(images, candidates)
@@ -104,7 +104,8 @@ class IndexStore:
         self._save_decisions(images, out)
         return out
 
-    def _write(self, images: list[ImageFeatures]) -> None:
+    def _write(self, images: list[ImageFeatures]) -> list[dict[str, str]]:
+        """Write every index; returns, per image, the record fields that say what was written where."""
         now = str(int(time.time()))
         pipe = self.client.pipeline(transaction=False)
         for img in images:
@@ -128,18 +129,16 @@ class IndexStore:
                 locators = self.vectors.add(ns, name, [(images[i].image_id, images[i].vectors[name]) for i in have])
                 for i, loc in zip(have, locators):
                     written[i]["vectors"] = ",".join(filter(None, [written[i].get("vectors", ""), loc]))
-        pipe = self.client.pipeline(transaction=False)
-        for i, img in enumerate(images):
-            fields = {"mih": "", "vectors": ""} | written.get(i, {})
-            pipe.hset(self.keys.record(img.namespace, img.image_id), mapping=fields)
-        pipe.execute()
+        return [{"mih": "", "vectors": ""} | written.get(i, {}) for i in range(len(images))]
 
-    def _commit_all(self, images: list[ImageFeatures]) -> list[int]:
+    def _commit_all(self, images: list[ImageFeatures], written: list[dict[str, str]]) -> list[int]:
+        """Record what was written, then commit: the index writes were acknowledged before this runs."""
         pipe = self.client.pipeline(transaction=False)
-        for img in images:
+        for img, fields in zip(images, written):
+            pipe.hset(self.keys.record(img.namespace, img.image_id), mapping=fields)
             self._commit(keys=[self.keys.seq(img.namespace), self.keys.order(img.namespace)],
                          args=[img.image_id], client=pipe)
-        return [int(s) for s in pipe.execute()]
+        return [int(s) for s in pipe.execute()[1::2]]
 
     def _query(self, images: list[ImageFeatures]) -> list[dict[str, Candidate]]:
         found: list[dict[str, Candidate]] = [{} for _ in images]
