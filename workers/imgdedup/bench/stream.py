@@ -1,0 +1,337 @@
+"""One worker process through Kafka and Redis: saturated throughput, then latency at a paced rate.
+
+Saturation: N events are published before the worker starts; the rate is taken between the answer
+that completes the first tenth (start-up, group join and cold caches excluded) and the last one, and
+the worker's CPU time (from /proc, every thread) over the same window gives events per CPU second.
+
+Latency: with the worker idle and caught up, events are produced at a fixed rate; each event's
+latency is the time this process received its verdict minus the time it handed the event to its
+producer (both on this process' monotonic clock; the worker's own latency field is not used).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from imgdedup import devstack, messages
+from imgdedup.bench.report import percentiles_ms
+from imgdedup.config import Settings
+from imgdedup.evaluation.run import worker_env
+from imgdedup.kafka_io import produce_events, producer_config
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+@dataclass
+class Answers:
+    """Verdicts and dead letters as this process receives them: event_id -> (monotonic time, outcome)."""
+
+    got: dict[str, tuple[float, str]] = field(default_factory=dict)
+    #: event_id -> (wall time received, the verdict's processed_at as wall time), to split the latency
+    wall: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: answer count -> (time, CPU seconds per watched pid), sampled when that many answers had arrived
+    samples: dict[int, tuple[float, dict[str, float]]] = field(default_factory=dict)
+    marks: set[int] = field(default_factory=set)
+    watch: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, event_id: str | None, outcome: str, processed_at: str | None = None) -> None:
+        now, wall = time.monotonic(), time.time()
+        with self.lock:
+            if event_id is None or event_id in self.got:
+                return
+            self.got[event_id] = (now, outcome)
+            if processed_at:
+                self.wall[event_id] = (wall, _timestamp(processed_at))
+            n = len(self.got)
+            if n in self.marks:
+                self.samples[n] = (now, {name: cpu_seconds(pid) for name, pid in self.watch.items()})
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.got)
+
+
+class AnswerReader:
+    """A thread reading the verdict and dead-letter topics by assignment from the beginning, with a short
+    fetch wait so the reader itself adds next to nothing to the measured latency."""
+
+    def __init__(self, settings: Settings, answers: Answers):
+        self.settings, self.answers = settings, answers
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="bench-answers")
+        self.consumer = Consumer(
+            {
+                **settings.kafka_common(),
+                "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 5,
+                "enable.partition.eof": False,
+            }
+        )
+        parts = []
+        for topic in (settings.verdict_topic, settings.dlq_topic):
+            meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
+            parts += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
+        self.consumer.assign(parts)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join(10)
+        self.consumer.close()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            msg = self.consumer.poll(0.05)
+            if msg is None or msg.error():
+                continue
+            doc = json.loads(msg.value())
+            outcome = (
+                doc.get("verdict", "dead_letter")
+                if msg.topic() == self.settings.verdict_topic
+                else "dead_letter"
+            )
+            self.answers.record(doc.get("event_id"), outcome, doc.get("processed_at"))
+
+
+class WorkerProcess:
+    """`python -m imgdedup worker` with exactly these settings; SIGTERM (graceful) on exit."""
+
+    def __init__(self, settings: Settings, log_path: Path):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "imgdedup", "worker"],
+            env=worker_env(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with {self.proc.returncode}; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+def make_events(files: list[Path], namespace: str, inline: bool) -> list[dict]:
+    """One upsert per file: a file:// URI (default) or the bytes inline, image_id = file stem."""
+    out = []
+    for path in files:
+        source = {"data": path.read_bytes()} if inline else {"uri": path.resolve().as_uri()}
+        out.append(messages.make_event(path.stem, event_id=str(uuid.uuid4()), namespace=namespace, **source))
+    return out
+
+
+def cycle_events(files: list[Path], count: int, namespace: str, inline: bool) -> list[dict]:
+    """``count`` events over the files again and again, each pass in its own namespace (``<namespace>-<pass>``),
+    so every event is a new image where it lands."""
+    events: list[dict] = []
+    for cycle in range(-(-count // len(files))):
+        events += make_events(files[: count - len(events)], f"{namespace}-{cycle}", inline)
+    return events
+
+
+def wait_for(answers: Answers, event_ids, worker: WorkerProcess, timeout_s: float) -> None:
+    wanted = set(event_ids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with answers.lock:
+            missing = len(wanted - answers.got.keys())
+        if not missing:
+            return
+        worker.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{missing} of {len(wanted)} answers missing after {timeout_s:.0f}s; see {worker.log_path}"
+            )
+        time.sleep(0.05)
+
+
+def saturation(events: list[dict], answers: Answers, worker: WorkerProcess, timeout_s: float) -> dict:
+    """Rate and CPU between the answer completing the first tenth and the last answer (events published
+    before the worker started, marks and watched pids set by the caller)."""
+    n, first = len(events), min(answers.marks)
+    wait_for(answers, [e["event_id"] for e in events], worker, timeout_s)
+    (t0, cpu0), (t1, cpu1) = answers.samples[first], answers.samples[n]
+    wall = max(t1 - t0, 1e-6)
+    done = n - first
+    cpu = {name: cpu1[name] - cpu0[name] for name in cpu0}
+    return {
+        "events": n,
+        "window_events": done,
+        "window_s": wall,
+        "events_per_s": done / wall,
+        "worker_cpu_s": cpu["worker"],
+        "worker_cores": cpu["worker"] / wall,
+        "events_per_worker_cpu_s": done / max(cpu["worker"], 1e-6),
+        "cpu_s": cpu,
+        "outcomes": _outcomes(answers, events),
+    }
+
+
+def paced(
+    files: list[Path],
+    rate: float,
+    seconds: float,
+    answers: Answers,
+    settings: Settings,
+    worker: WorkerProcess,
+    inline: bool,
+) -> dict:
+    """Offer ``rate`` events/s for ``seconds``; latency = verdict received - handed to the producer."""
+    count = max(1, round(rate * seconds))
+    events = cycle_events(files, count, "paced", inline)
+    producer = Producer(producer_config(settings, **{"linger.ms": 0}))
+    warm = make_events(files[:1], "paced-warmup", inline)[0]  # connects the producer (idempotence handshake)
+    _send(producer, settings, warm)
+    producer.flush(30)
+    wait_for(answers, [warm["event_id"]], worker, 60)
+    sent, offered_s = _offer(producer, settings, events, rate)
+    if producer.flush(30):
+        raise RuntimeError("paced events not delivered to the broker")
+    wait_for(answers, sent, worker, 60 + seconds)
+    with answers.lock:
+        latencies = [answers.got[eid][0] - t for eid, (t, _) in sent.items()]
+        walls = [(wall, *answers.wall[eid]) for eid, (_, wall) in sent.items() if eid in answers.wall]
+    return {
+        "target_rate": rate,
+        "events": count,
+        "offered_rate": count / max(offered_s, 1e-6),
+        "latency_ms": percentiles_ms(latencies),
+        "outcomes": _outcomes(answers, events),
+        # wall clock, same host: produced -> the worker stamped processed_at -> verdict received here
+        "to_processed_ms": percentiles_ms([p - s for s, _, p in walls]),
+        "after_processed_ms": percentiles_ms([r - p for _, r, p in walls]),
+    }
+
+
+def _send(producer: Producer, settings: Settings, event: dict) -> None:
+    producer.produce(
+        settings.input_topic,
+        messages.encode(event),
+        messages.record_key(event["namespace"], event["image_id"]),
+    )
+    producer.poll(0)
+
+
+def _offer(producer: Producer, settings: Settings, events: list[dict], rate: float):
+    """Produce on a fixed schedule; ({event_id: (monotonic, wall) handed to the producer}, seconds taken)."""
+    sent: dict[str, tuple[float, float]] = {}
+    start = time.monotonic()
+    for i, event in enumerate(events):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        sent[event["event_id"]] = (time.monotonic(), time.time())
+        _send(producer, settings, event)
+    return sent, time.monotonic() - start
+
+
+def _timestamp(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339).timestamp()
+
+
+def _outcomes(answers: Answers, events: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with answers.lock:
+        for e in events:
+            outcome = answers.got[e["event_id"]][1]
+            out[outcome] = out.get(outcome, 0) + 1
+    return out
+
+
+def stream_settings(settings: Settings, roots: list[Path], sscd: bool) -> Settings:
+    """Fresh topics, group and key prefix for one phase; short group timeouts (the join waits on them)."""
+    tag = uuid.uuid4().hex[:8]
+    return settings.model_copy(
+        update={
+            "input_topic": f"bench-images-{tag}",
+            "verdict_topic": f"bench-verdicts-{tag}",
+            "dlq_topic": f"bench-dlq-{tag}",
+            "consumer_group": f"bench-{tag}",
+            "key_prefix": f"bench{tag}",
+            "metrics_port": 0,
+            "file_roots": [Path(r).resolve() for r in roots],
+            "sscd_enabled": sscd,
+            "session_timeout_ms": 6000,
+            "max_poll_interval_ms": 30000,
+        }
+    )
+
+
+def run_stream(
+    settings: Settings,
+    files: list[Path],
+    *,
+    events: int,
+    log_path: Path,
+    paced_seconds: float,
+    inline: bool,
+    server_pids: dict[str, int],
+    rate: float | None = None,
+) -> dict:
+    """Saturation (``events`` events over ``files``) then paced latency with one worker process; ``rate``
+    defaults to half the saturated rate."""
+    devstack.create_topics(
+        settings.kafka_bootstrap,
+        [settings.input_topic, settings.verdict_topic, settings.dlq_topic],
+        settings.partitions,
+        settings.kafka_extra,
+    )
+    answers = Answers()
+    batch = cycle_events(files, events, "saturation", inline)
+    produce_events(settings, batch)
+    answers.marks = {max(1, len(batch) // 10), len(batch)}
+    with AnswerReader(settings, answers):
+        worker = WorkerProcess(settings, log_path)
+        try:
+            answers.watch = {"worker": worker.proc.pid, **server_pids}
+            sat = saturation(batch, answers, worker, timeout_s=120 + len(batch) / 5)
+            rate = rate or sat["events_per_s"] / 2
+            lat = paced(files, rate, paced_seconds, answers, settings, worker, inline)
+        finally:
+            worker.stop()
+    return {
+        "saturation": sat,
+        "paced": lat,
+        "images": len(files),
+        "partitions": settings.partitions,
+        "batch_size": settings.batch_size,
+        "batch_timeout_s": settings.batch_timeout_s,
+        "fetch_threads": settings.fetch_threads,
+        "kafka_extra": settings.kafka_extra,
+        "inline": inline,
+    }
