@@ -208,3 +208,32 @@ def test_vector_sets_are_created_with_the_fixed_flags(make_settings, redis_clien
     info = {k.decode(): v for k, v in (info.items() if isinstance(info, dict) else zip(info[::2], info[1::2]))}
     assert CREATION_FLAGS[0] == "Q8" and info["quant-type"] in (b"int8", "int8")
     assert int(info["hnsw-m"]) == CREATION_FLAGS[CREATION_FLAGS.index("M") + 1]
+
+
+# --- real embeddings --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def corpus_embeddings(corpus_files):
+    """SSCD vectors of 20 corpus photos and of a JPEG-q50 copy of each (real, clustered vectors)."""
+    from PIL import Image
+
+    from imgdedup.bench.vector_bench import make_variants
+    from imgdedup.embedders.sscd import SSCDEmbedder
+
+    embedder = SSCDEmbedder()
+    images = [Image.open(path).convert("RGB") for path in corpus_files[:20]]
+    copies = [make_variants(image, seed=i)["jpeg50"] for i, image in enumerate(images)]
+    return embedder.embed(images), embedder.embed(copies)
+
+
+@pytest.mark.sscd
+def test_scores_match_numpy_on_sscd_embeddings(index, corpus_embeddings):
+    originals, copies = corpus_embeddings
+    names = ids(len(originals), "photo")
+    index.add("ns", "sscd", list(zip(names, originals)))
+    truth = copies @ originals.T
+    for q, hits in enumerate(index.query("ns", "sscd", copies, k=5)):
+        assert hits[0][0] == names[q]
+        for image_id, score in hits:
+            assert score == pytest.approx(truth[q, names.index(image_id)], abs=SCORE_TOLERANCE)
