@@ -77,7 +77,10 @@ class Settings(BaseSettings):
     max_matches: int = Field(10, ge=1, le=100, description="Most matches listed in a verdict.")
 
     # --- Vector tier -------------------------------------------------------------------------
-    sscd_enabled: bool = Field(True, description="Compute SSCD copy-detection vectors when onnxruntime is installed.")
+    sscd_enabled: bool = Field(
+        True, description="Compute SSCD copy-detection vectors (needs the vectors extra; without it the worker "
+        "refuses to start until this is false)."
+    )
     sscd_model: Literal["sscd_distilled", "sscd"] = Field("sscd_distilled", description="SSCD ONNX model.")
     sscd_input_size: int = Field(224, ge=64, le=1024, description="Side the image is resized to for SSCD.")
     sscd_threshold: float = Field(0.75, ge=-1, le=1, description="SSCD cosine similarity counted as a near duplicate.")
@@ -89,7 +92,10 @@ class Settings(BaseSettings):
     clip_is_duplicate_signal: bool = Field(False, description="Let CLIP similarity alone make a near duplicate.")
     embed_threads: int = Field(2, ge=1, le=64, description="Threads of the ONNX/torch runtimes.")
     vector_backend: Literal["vectorset", "redisearch"] = Field("vectorset", description="Redis vector index.")
-    vector_shards: int = Field(4, ge=1, le=1024, description="Vector sets per (namespace, embedder).")
+    vector_shards: int = Field(
+        1, ge=1, le=1024, description="Vector sets per (namespace, embedder): each query searches every shard, so "
+        "1 on a single Redis node; about the node count on a Redis Cluster."
+    )
     vector_candidates: int = Field(10, ge=1, le=1000, description="Neighbours asked of the vector index per query.")
 
     # --- Serving -----------------------------------------------------------------------------
