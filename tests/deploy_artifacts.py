@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "imgdedup.json"
-OPERATIONS_DOC = REPO / "docs-parts" / "operations.md"
+OPERATIONS_DOC = REPO / "README.md"
 
 #: Series Prometheus itself makes, with their labels: the only non-imgdedup names allowed.
 FOREIGN_SERIES = {"up": {"job", "instance"}}

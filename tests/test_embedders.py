@@ -105,7 +105,7 @@ def test_sscd_takes_any_mode_and_size(sscd, bases):
 def test_sscd_distinct_bases_are_far_apart(base_vectors):
     sims = base_vectors @ base_vectors.T
     distinct = sims[np.triu_indices(len(sims), 1)]
-    assert distinct.max() < 0.6  # measured 0.445 (docs-parts/vectors.md)
+    assert distinct.max() < 0.6  # measured 0.445 (README, "Vector tier")
     assert abs(distinct.mean()) < 0.1
 
 

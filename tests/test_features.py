@@ -22,7 +22,7 @@ FULL = load_settings(draft_decode=False)
 DRAFT = load_settings(draft_decode=True)
 #: The shipped default threshold (tests use the default so a bad default fails here).
 THRESHOLD = Settings.model_fields["low_detail_std"].default
-#: Measured (docs-parts/decode.md): draft decoding changes the pHash of ~10% of images, by 2 bits, at most 4.
+#: Measured (README, "Fetching, decoding and hash features"): draft decoding changes the pHash of ~10% of images, by 2 bits, at most 4.
 DRAFT_MAX_BITS = 4
 DRAFT_MAX_CHANGED = 0.15
 #: Both sides of the low-detail threshold keep at least this factor from it.

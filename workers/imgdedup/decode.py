@@ -5,7 +5,7 @@ Canonical means: the first frame, EXIF orientation applied, transparency flatten
 
 JPEG draft decoding (DCT scaling by 1/2, 1/4, 1/8) is the fast path (~1.9x). It is not free: no
 draft scale keeps the pHash identical on every image (even 1/2 changes 2 bits on 11 of the 78 corpus
-photos; see docs-parts/decode.md). ``DRAFT_MIN_SIDE`` is the measured floor: ~10% of corpus images
+photos; see README, "Fetching, decoding and hash features"). ``DRAFT_MIN_SIDE`` is the measured floor: ~10% of corpus images
 and variants change, by 2 bits (at most 4), and original-to-variant distances stay as with full
 decoding. ``draft_decode=false`` gives exactly imagehash's pHash of the full image.
 """

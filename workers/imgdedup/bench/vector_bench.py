@@ -1,7 +1,7 @@
 """Vector-tier measurements: SSCD separation and speed, Redis vector index throughput, latency, memory.
 
 Run ``python -m imgdedup.bench.vector_bench {separation,speed,redis} --help``. The numbers in
-docs-parts/vectors.md came from the commands listed there. Inputs are seeded, so reruns differ
+the README's vector-tier tables came from the commands listed there. Inputs are seeded, so reruns differ
 only by machine load; speeds are the best of ``--repeat`` runs.
 """
 

