@@ -183,3 +183,14 @@ def test_low_detail_images_skip_phash_but_keep_exact_matching(pipeline, tmp_path
                                    event("grey-1-copy", png(128, 1))])
     assert all(d["low_detail"] for d in out)
     assert [d["verdict"] for d in out] == ["unique", "unique", "exact_duplicate"]
+
+
+def test_an_event_that_breaks_the_store_is_isolated(pipeline, corpus_bytes, redis_client, key_prefix):
+    """A key of the wrong type (as a bug or a foreign writer would leave it) fails one event, not the batch."""
+    from imgdedup.keys import Keys
+
+    (a, da), (b, db) = list(corpus_bytes.items())[:2]
+    redis_client.set(Keys(key_prefix).record("default", "poisoned"), "not a hash")
+    out = pipeline.process_events([event("fine", da), event("poisoned", db)])
+    assert out[0]["verdict"] == "unique"
+    assert out[1]["error"]["code"] == "internal_error" and "WRONGTYPE" in out[1]["error"]["message"]

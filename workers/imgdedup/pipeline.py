@@ -181,8 +181,29 @@ class Pipeline:
         results: dict[int, Output] = {i: p for i, p in enumerate(parsed) if isinstance(p, Output)}
         events = [(i, p) for i, p in enumerate(parsed) if not isinstance(p, Output)]
         for segment in _segments(events):
-            results.update(self._process_segment(segment, records))
+            results.update(self._process_isolating(segment, records))
         return [results[i] for i in range(len(records))]
+
+    def _process_isolating(self, segment, records) -> dict[int, Output]:
+        """A segment at once; if that fails for a reason other than Redis being away, one event at a
+        time, so the event that triggers a bug becomes an internal_error dead letter and the rest go on."""
+        try:
+            return self._process_segment(segment, records)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception:
+            log.exception("batch of %d failed; retrying its events one by one", len(segment))
+        out: dict[int, Output] = {}
+        for i, event in segment:
+            try:
+                out.update(self._process_segment([(i, event)], records))
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as exc:
+                log.exception("event %s failed", event.event_id)
+                out[i] = self._dead_letter(records[i], DeadLetterError(
+                    ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"), event.event_id)
+        return out
 
     # --- stages --------------------------------------------------------------------------------
     def _parse(self, record: InputRecord) -> messages.ImageEvent | Output:
