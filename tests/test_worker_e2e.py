@@ -181,3 +181,19 @@ def test_redis_outage_pauses_then_recovers(kafka_settings, corpus_files, tmp_pat
             pass
     own_redis.stop()
     assert {d["event_id"] for d in docs} == {e["event_id"] for e in events}
+
+
+def test_a_record_too_big_to_copy_still_gets_its_dead_letter(kafka_settings, corpus_files):
+    settings = kafka_settings(partitions=1)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    producer.produce(settings.input_topic, b"x" * 900_000, b"default/huge")  # base64 of it exceeds 1 MB
+    producer.flush(10)
+    good = events_for(corpus_files[:1])
+    produce_events(settings, good)
+    with RunningWorker(settings):
+        dead = consume_verdicts(settings, 1, timeout_s=60, topic=settings.dlq_topic)
+        verdicts = consume_verdicts(settings, 1, timeout_s=60)
+    assert dead[0]["error"]["code"] == "invalid_json" and dead[0]["record"]["value"] is None
+    assert "original record not copied" in dead[0]["error"]["message"]
+    assert dead[0]["source"]["offset"] == 0 and messages.problems(messages.DEAD_LETTER, dead[0]) == []
+    assert verdicts[0]["event_id"] == good[0]["event_id"]

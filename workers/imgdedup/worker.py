@@ -154,6 +154,13 @@ class Worker:
                 return
             except BufferError:  # local queue full: let acknowledgements drain it
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                if out.kind != "dead_letter" or out.message["record"]["value"] is None:
+                    raise
+                # The original record, base64-encoded, can exceed the broker's message size: keep the
+                # reason and the source coordinates, drop the copy (the input topic still has it).
+                out.message["record"]["value"] = None
+                out.message["error"]["message"] += f" (original record not copied: {exc.args[0].str()})"
 
     def _delivered(self, out: Output, started: float, err, msg) -> None:
         src = out.source
