@@ -116,6 +116,21 @@ def _paced_label(r: dict) -> str:
     return f"at {lat['target_rate']:.0f} ev/s" + (" (half of max)" if half else " (fixed)")
 
 
+def _server_rows(section: str, sat: dict) -> list[Row]:
+    """CPU the bench's own Redis and Tansu spent per event in the saturation window (not on --external)."""
+    names = {"redis": "Redis", "kafka": "Tansu broker"}
+    return [
+        Row(
+            section,
+            f"{names[name]} CPU per event (saturated)",
+            sat["cpu_s"][name] / sat["window_events"] * 1000,
+            "ms",
+        )
+        for name in names
+        if name in sat["cpu_s"]
+    ]
+
+
 def hash_rows(r: dict) -> list[Row]:
     sat, lat, base = r["saturation"], r["paced"], r["baselines"]
     at = _paced_label(r)
@@ -155,6 +170,7 @@ def hash_rows(r: dict) -> list[Row]:
             base["imagededup"]["per_cpu_s"],
         ),
         Row("hash", "worker CPU cores used (saturated)", sat["worker_cores"], "cores"),
+        *_server_rows("hash", sat),
         latency_row("hash", f"event->verdict p50 {at}", lat["latency_ms"]["p50"]),
         latency_row("hash", f"event->verdict p99 {at}", lat["latency_ms"]["p99"], max_ms=P99_TARGET_MS),
     ]
@@ -183,6 +199,7 @@ def sscd_rows(r: dict) -> list[Row]:
             met=absolute >= 150,
         ),
         Row("sscd", "worker CPU cores used (saturated)", sat["worker_cores"], "cores"),
+        *_server_rows("sscd", sat),
         latency_row("sscd", f"event->verdict p50 {at}", lat["latency_ms"]["p50"]),
         latency_row("sscd", f"event->verdict p99 {at}", lat["latency_ms"]["p99"]),
     ]
