@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         300_000, ge=5_000, description="librdkafka max.poll.interval.ms (also the rebalance timeout); above the slowest batch."
     )
     session_timeout_ms: int = Field(45_000, ge=1_000, description="librdkafka session.timeout.ms of the worker's group.")
+    fetch_wait_max_ms: int = Field(
+        50, ge=1, le=10_000, description="librdkafka fetch.wait.max.ms: the longest a broker may hold a fetch; "
+        "brokers that hold it in full (Tansu) add this to every hop's latency."
+    )
 
     # --- Redis -------------------------------------------------------------------------------
     redis_url: SecretStr = Field(

@@ -37,6 +37,7 @@ def consumer_config(settings: Settings, group: str | None = None, **extra) -> di
         "partition.assignment.strategy": "cooperative-sticky",
         "max.poll.interval.ms": settings.max_poll_interval_ms,
         "session.timeout.ms": settings.session_timeout_ms,
+        "fetch.wait.max.ms": settings.fetch_wait_max_ms,
         "heartbeat.interval.ms": max(settings.session_timeout_ms // 3, 100),
         "client.id": "imgdedup",
         **extra,
@@ -75,7 +76,7 @@ def iter_topic(settings: Settings, topic: str, *, from_beginning: bool = True, f
 
     Stops after `idle_timeout_s` without a message (unless following) or at the monotonic `deadline`."""
     consumer = Consumer({**settings.kafka_common(), "group.id": "imgdedup-reader", "enable.auto.commit": False,
-                         "enable.partition.eof": False})
+                         "enable.partition.eof": False, "fetch.wait.max.ms": settings.fetch_wait_max_ms})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         start = OFFSET_BEGINNING if from_beginning else OFFSET_END

@@ -11,7 +11,7 @@ dead letter; transient Redis errors propagate so the caller retries the whole ba
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +62,15 @@ class InputRecord:
 
 
 @dataclass
+class Pending:
+    """A batch whose fetch/decode/hash runs on the pool while the caller completes the batch before it."""
+
+    records: list[InputRecord]
+    parsed: list  # ImageEvent, or the Output (dead letter) of a record that did not parse
+    prepared: dict[int, Future]  # record index -> fetch/decode/hash of that upsert
+
+
+@dataclass
 class Output:
     kind: str  # "verdict" | "dead_letter"
     key: bytes | None
@@ -96,10 +105,14 @@ class FeatureExtractor:
         self.fetcher.close()
 
     def extract(self, blobs: list[bytes]) -> list[Features | DeadLetterError]:
-        return self._finish(list(self.pool.map(self._hash_guarded, blobs)))
+        return self.finish(list(self.pool.map(self._hash_guarded, blobs)))
 
     def extract_events(self, events: list[messages.ImageEvent]) -> list[Features | DeadLetterError]:
-        return self._finish(list(self.pool.map(self._fetch_and_hash, events)))
+        return self.finish([self.start(e).result() for e in events])
+
+    def start(self, event: messages.ImageEvent) -> Future:
+        """Fetch, decode and hash one event on the pool; `finish` embeds what these futures produced."""
+        return self.pool.submit(self._fetch_and_hash, event)
 
     def _fetch_and_hash(self, event: messages.ImageEvent):
         try:
@@ -126,7 +139,7 @@ class FeatureExtractor:
         features = Features(hashed.sha256, hashed.phash, hashed.low_detail, hashed.detail, versions=self.versions)
         return features, decoded.image
 
-    def _finish(self, prepared: list) -> list[Features | DeadLetterError]:
+    def finish(self, prepared: list) -> list[Features | DeadLetterError]:
         """Embed every successfully decoded image in one batch per embedder."""
         ok = [i for i, p in enumerate(prepared) if not isinstance(p, DeadLetterError)]
         out: list = [p if isinstance(p, DeadLetterError) else p[0] for p in prepared]
@@ -177,18 +190,30 @@ class Pipeline:
         return [o.message for o in self.process([InputRecord(messages.encode(e)) for e in events])]
 
     def process(self, records: list[InputRecord]) -> list[Output]:
-        parsed: list[messages.ImageEvent | Output] = [self._parse(r) for r in records]
-        results: dict[int, Output] = {i: p for i, p in enumerate(parsed) if isinstance(p, Output)}
-        events = [(i, p) for i, p in enumerate(parsed) if not isinstance(p, Output)]
-        for segment in _segments(events):
-            results.update(self._process_isolating(segment, records))
-        return [results[i] for i in range(len(records))]
+        return self.complete(self.submit(records))
 
-    def _process_isolating(self, segment, records) -> dict[int, Output]:
+    def submit(self, records: list[InputRecord]) -> Pending:
+        """Parse, and start fetching, decoding and hashing every upsert on the pool. No Redis yet, so a
+        worker can submit batch n+1 and then complete batch n while the pool works."""
+        parsed = [self._parse(r) for r in records]
+        prepared = {i: self.extractor.start(p) for i, p in enumerate(parsed)
+                    if isinstance(p, messages.ImageEvent) and p.op == "upsert"}
+        return Pending(records, parsed, prepared)
+
+    def complete(self, pending: Pending) -> list[Output]:
+        """Embed, index and decide a submitted batch; safe to call again after a transient Redis error."""
+        results: dict[int, Output] = {i: p for i, p in enumerate(pending.parsed) if isinstance(p, Output)}
+        events = [(i, p) for i, p in enumerate(pending.parsed) if not isinstance(p, Output)]
+        for segment in _segments(events):
+            results.update(self._process_isolating(segment, pending))
+        return [results[i] for i in range(len(pending.records))]
+
+    def _process_isolating(self, segment, pending: Pending) -> dict[int, Output]:
         """A segment at once; if that fails for a reason other than Redis being away, one event at a
         time, so the event that triggers a bug becomes an internal_error dead letter and the rest go on."""
+        records = pending.records
         try:
-            return self._process_segment(segment, records)
+            return self._process_segment(segment, pending)
         except TRANSIENT_ERRORS:
             raise
         except Exception:
@@ -196,7 +221,7 @@ class Pipeline:
         out: dict[int, Output] = {}
         for i, event in segment:
             try:
-                out.update(self._process_segment([(i, event)], records))
+                out.update(self._process_segment([(i, event)], pending))
             except TRANSIENT_ERRORS:
                 raise
             except Exception as exc:
@@ -212,7 +237,8 @@ class Pipeline:
         except DeadLetterError as exc:
             return self._dead_letter(record, exc)
 
-    def _process_segment(self, segment, records) -> dict[int, Output]:
+    def _process_segment(self, segment, pending: Pending) -> dict[int, Output]:
+        records = pending.records
         out: dict[int, Output] = {}
         deletes = [(i, e) for i, e in segment if e.op == "delete"]
         if deletes:
@@ -226,7 +252,8 @@ class Pipeline:
         fresh = []
         for (i, e), rec in zip(upserts, prior):
             stored = self.store.stored_decision(rec, e.event_id)
-            if stored is not None:  # a redelivery: same verdict, no refetch
+            if stored is not None:  # a redelivery: the same verdict, without the features
+                pending.prepared[i].cancel()
                 out[i] = self._verdict(records[i], e, stored.verdict, stored.duplicate_of, stored.matches,
                                        rec["sha256"], rec["phash"], rec.get("low_detail") == "1",
                                        self.extractor.versions)
@@ -234,7 +261,7 @@ class Pipeline:
                 fresh.append((i, e, rec))
         if not fresh:
             return out
-        features = self.extractor.extract_events([e for _, e, _ in fresh])
+        features = self.extractor.finish([pending.prepared[i].result() for i, _, _ in fresh])
         ready = []
         for (i, e, rec), f in zip(fresh, features):
             if isinstance(f, DeadLetterError):

@@ -28,7 +28,7 @@ from imgdedup.config import Settings
 from imgdedup.health import HealthServer
 from imgdedup.kafka_io import consumer_config, producer_config
 from imgdedup.offsets import OffsetTracker
-from imgdedup.pipeline import TRANSIENT_ERRORS, InputRecord, Output, Pipeline
+from imgdedup.pipeline import TRANSIENT_ERRORS, InputRecord, Output, Pending, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class Worker:
         self.next_sizes = 0.0
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        # The batch being fetched and decoded on the pool while the batch before it is indexed.
+        self.queued: tuple[list, Pending, float] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
@@ -83,8 +85,12 @@ class Worker:
             self._shutdown()
 
     def _step(self) -> None:
+        """Take a batch and start decoding it, then index the batch queued before it: decoding (pool
+        threads) and indexing (this thread, mostly waiting on Redis) overlap."""
         self._maybe_resume()
-        msgs = self.consumer.consume(self.settings.batch_size, self.settings.batch_timeout_s)
+        # With a batch queued, take only what is already here: the queued batch should not wait.
+        timeout = 0 if self.queued else self.settings.batch_timeout_s
+        msgs = self.consumer.consume(self.settings.batch_size, timeout)
         self.producer.poll(0)
         self._apply_rewinds()
         good = []
@@ -94,16 +100,19 @@ class Worker:
             elif msg.error().code() != KafkaError._PARTITION_EOF:
                 metrics.ERRORS.labels("kafka").inc()
                 log.warning("consume error: %s", msg.error())
-        if good:
-            self.kafka_ok = True
-            self._handle(good)
+        queued, self.queued = self.queued, self._submit(good) if good else None
+        if queued:
+            self._complete(queued)
         if time.monotonic() >= self.next_sizes:
             self._report_sizes()
         metrics.IN_FLIGHT.set(self.tracker.in_flight)
         self.ready()
 
     def _shutdown(self) -> None:
-        log.info("worker stopping: flushing verdicts and committing offsets")
+        log.info("worker stopping: finishing the queued batch, flushing verdicts and committing offsets")
+        if self.queued is not None:
+            queued, self.queued = self.queued, None
+            self._complete(queued)
         if self.producer is not None:
             self.producer.flush(30)
         if self.consumer is not None:
@@ -114,16 +123,21 @@ class Worker:
         self.ready()
 
     # --- a batch -------------------------------------------------------------------------------
-    def _handle(self, msgs) -> None:
+    def _submit(self, msgs) -> tuple[list, Pending, float]:
+        self.kafka_ok = True
         metrics.BATCH_SIZE.observe(len(msgs))
-        started = time.time()
         for msg in msgs:
             metrics.EVENTS_CONSUMED.labels(msg.topic()).inc()
             self.tracker.consumed(msg.topic(), msg.partition(), msg.offset())
         records = [InputRecord(m.value(), m.key(), m.topic(), m.partition(), m.offset()) for m in msgs]
-        outputs = self._process_with_retries(records)
-        if outputs is None:
-            self._pause_and_rewind(msgs)
+        return msgs, self.pipeline.submit(records), time.time()
+
+    def _complete(self, queued: tuple[list, Pending, float]) -> None:
+        msgs, pending, started = queued
+        outputs = self._process_with_retries(pending)
+        if outputs is None:  # Redis stayed away: redo this batch, and the one queued behind it, later
+            behind, self.queued = self.queued, None
+            self._pause_and_rewind(msgs + (behind[0] if behind else []))
             return
         with metrics.STAGE_SECONDS.labels("produce").time():
             for out in outputs:
@@ -131,10 +145,10 @@ class Worker:
                 self._produce(topic, out, started)
             self.producer.poll(0)
 
-    def _process_with_retries(self, records: list[InputRecord]) -> list[Output] | None:
+    def _process_with_retries(self, pending: Pending) -> list[Output] | None:
         for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
             try:
-                outputs = self.pipeline.process(records)
+                outputs = self.pipeline.complete(pending)
                 self.redis_ok, self.pause_level = True, 0
                 return outputs
             except TRANSIENT_ERRORS as exc:
@@ -190,7 +204,8 @@ class Worker:
     def _pause_and_rewind(self, msgs) -> None:
         first: dict[tuple[str, int], int] = {}
         for m in msgs:
-            first.setdefault((m.topic(), m.partition()), m.offset())
+            key = (m.topic(), m.partition())
+            first[key] = min(first.get(key, m.offset()), m.offset())
         parts = [TopicPartition(t, p, off) for (t, p), off in first.items()]
         for tp in parts:
             self._seek(tp)
@@ -230,6 +245,9 @@ class Worker:
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer, partitions) -> None:
+        if self.queued is not None:  # finish what was taken before handing partitions over
+            queued, self.queued = self.queued, None
+            self._complete(queued)
         self.producer.flush(30)  # acknowledgements of in-flight verdicts store their offsets now
         self._commit([tp for tp in partitions if (tp.topic, tp.partition) in self.assigned])
         self._drop(partitions)
