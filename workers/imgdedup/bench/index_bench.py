@@ -26,6 +26,7 @@ import numpy as np
 
 from imgdedup.bench.mih_bench import image_id
 from imgdedup.bench.report import percentiles_ms
+from imgdedup.bench.vector_bench import _memory, _unit
 from imgdedup.config import Settings
 from imgdedup.keys import Keys
 from imgdedup.store import ImageFeatures, IndexStore
@@ -35,15 +36,6 @@ NS = "index-bench"
 EMBEDDER = "sscd"
 DIM = 512
 VECTOR_BATCH = 500
-
-
-def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
-    x = rng.standard_normal((n, dim), dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _memory(client) -> int:
-    return int(client.info("memory")["used_memory"])
 
 
 class Corpus:

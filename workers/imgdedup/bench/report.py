@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,6 +100,25 @@ def load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def revision() -> str:
+    """The repository's commit, with "+dirty" if the working tree has changes (what the numbers ran on)."""
+    repo = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def machine() -> dict:
     cpu = platform.processor() or ""
     try:
@@ -113,6 +133,7 @@ def machine() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
+        "revision": revision(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -181,7 +202,7 @@ def write(out_dir: Path, rows: list[Row], details: dict, meta: dict) -> tuple[Pa
     json_path.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
     conditions = (
         f"{meta['machine']['date']}, {meta['machine']['cpu']} ({meta['machine']['cores']} cores), "
-        f"load average {meta['load_before']} before / {meta['load_after']} after; `{meta['command']}`"
+        f"revision {meta['machine']['revision']}, load average {meta['load_before']} before / {meta['load_after']} after; `{meta['command']}`"
     )
     md_path.write_text(f"# imgdedup bench\n\n{conditions}\n\n{markdown_table(rows)}\n")
     return json_path, md_path

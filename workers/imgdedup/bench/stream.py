@@ -334,4 +334,5 @@ def run_stream(
         "fetch_threads": settings.fetch_threads,
         "kafka_extra": settings.kafka_extra,
         "inline": inline,
+        "settings": settings.masked(),
     }
