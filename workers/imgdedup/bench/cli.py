@@ -234,6 +234,7 @@ def mih_rows(r: dict) -> list[Row]:
     brute = "NumPy bitwise_count scan"
     b = r["batch_size"]
     return [
+        Row("mih", f"pHash tables, Redis memory per stored hash {n}", r["table_bytes_per_hash"], "B"),
         latency_row(
             "mih", f"query p50, 1 per round trip {n}", r["mih_1_ms"]["p50"], brute, r["brute_1_ms"]["p50"]
         ),

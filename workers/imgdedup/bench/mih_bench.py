@@ -77,7 +77,9 @@ def run_mih(
     rng = np.random.default_rng(seed)
     index = PHashIndex(client, Keys(key_prefix), tables, bucket_cap)
     hashes = make_hashes(rng, count)
+    before = int(client.info("memory")["used_memory"])
     add_rate = fill(index, hashes)
+    table_bytes = (int(client.info("memory")["used_memory"]) - before) / count
     n_queries = singles + batches * batch_size
     near = flip_bits(rng, hashes[rng.integers(0, count, n_queries // 2)], radius + 2)
     queries = np.concatenate([near, rng.integers(0, 1 << 64, n_queries - len(near), dtype=np.uint64)])
@@ -109,6 +111,7 @@ def run_mih(
     ]
     return {
         "hashes": count,
+        "table_bytes_per_hash": table_bytes,
         "radius": radius,
         "tables": tables,
         "add_per_s": add_rate,
