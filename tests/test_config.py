@@ -42,6 +42,17 @@ def test_config_command_masks_secrets_and_fails_clearly():
     assert bad.returncode != 0 and "batch_size" in bad.stderr and "IMGDEDUP_BATCH_SIZE" in bad.stderr
 
 
+def test_cli_overrides_of_list_and_dict_settings_take_json():
+    run = [sys.executable, "-m", "imgdedup", "--set", 'kafka_extra={"security.protocol": "SSL"}',
+           "--set", 'file_roots=["/srv/images"]', "config"]
+    out = subprocess.run(run, env={"PATH": ""}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["kafka_extra"] == {"security.protocol": "SSL"} and shown["file_roots"] == ["/srv/images"]
+    with pytest.raises(ConfigError, match="kafka_extra.*not JSON"):
+        load_settings(kafka_extra="security.protocol=SSL")
+
+
 def test_every_setting_is_documented():
     for var, _default, text in describe():
         assert var.startswith("IMGDEDUP_") and text, var

@@ -7,9 +7,10 @@ start with a message that names the setting, so a typo never becomes a silent de
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -157,7 +158,7 @@ def _mask_url(url: str) -> str:
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings from the environment plus overrides, or raise ConfigError naming the setting."""
     try:
-        return Settings(**overrides)
+        return Settings(**_decode_json_overrides(overrides))
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -165,6 +166,20 @@ def load_settings(**overrides: Any) -> Settings:
             where = f"IMGDEDUP_{name.upper()}" if err["loc"] else "settings"
             lines.append(f"invalid setting {name} ({where}): {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def _decode_json_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """CLI overrides arrive as text; list and dict settings take JSON there, as their variables do."""
+    out = dict(overrides)
+    for name, value in overrides.items():
+        field = Settings.model_fields.get(name)
+        if field is None or not isinstance(value, str) or get_origin(field.annotation) not in (list, dict):
+            continue
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"invalid setting {name} (IMGDEDUP_{name.upper()}): not JSON: {exc}") from None
+    return out
 
 
 def describe() -> list[tuple[str, str, str]]:
