@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     consumer_group: str = Field("imgdedup", description="Consumer group of the workers.")
     partitions: int = Field(6, ge=1, le=10_000, description="Partitions of the topics `dev up` creates.")
     batch_size: int = Field(64, ge=1, le=10_000, description="Most events taken from Kafka per batch.")
-    batch_timeout_s: float = Field(0.05, gt=0, le=60, description="Longest wait to fill a batch.")
+    batch_timeout_s: float = Field(0.05, gt=0, le=60, description="Longest idle wait for an event; a batch is "
+                                 "the first event plus what is already fetched, up to batch_size.")
     max_poll_interval_ms: int = Field(
         300_000, ge=5_000, description="librdkafka max.poll.interval.ms (also the rebalance timeout); above the slowest batch."
     )

@@ -19,10 +19,12 @@ from imgdedup.config import Settings
 
 def producer_config(settings: Settings, **extra) -> dict:
     return {
+        # A worker produces a batch's verdicts in one burst, so they share requests without waiting;
+        # lingering longer would only add to every verdict's latency. kafka_extra may override it.
+        "linger.ms": 1,
+        "client.id": "imgdedup",
         **settings.kafka_common(),
         "enable.idempotence": True,  # implies acks=all and ordered, de-duplicated retries
-        "linger.ms": 5,
-        "client.id": "imgdedup",
         **extra,
     }
 

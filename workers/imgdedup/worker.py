@@ -88,9 +88,7 @@ class Worker:
         """Take a batch and start decoding it, then index the batch queued before it: decoding (pool
         threads) and indexing (this thread, mostly waiting on Redis) overlap."""
         self._maybe_resume()
-        # With a batch queued, take only what is already here: the queued batch should not wait.
-        timeout = 0 if self.queued else self.settings.batch_timeout_s
-        msgs = self.consumer.consume(self.settings.batch_size, timeout)
+        msgs = self._take_batch()
         self.producer.poll(0)
         self._apply_rewinds()
         good = []
@@ -107,6 +105,18 @@ class Worker:
             self._report_sizes()
         metrics.IN_FLIGHT.set(self.tracker.in_flight)
         self.ready()
+
+    def _take_batch(self) -> list:
+        """What has already been fetched, up to batch_size, waiting only while there is nothing at all
+        to do. `consume(n, timeout)` alone holds a lone event until n arrive or the timeout ends, which
+        at moderate rates is most of an event's latency; under load the fetched queue fills batches."""
+        size = self.settings.batch_size
+        if self.queued:  # the queued batch should not wait for Kafka
+            return self.consumer.consume(size, 0)
+        msgs = self.consumer.consume(1, self.settings.batch_timeout_s)
+        if msgs and size > 1:
+            msgs += self.consumer.consume(size - 1, 0)
+        return msgs
 
     def _shutdown(self) -> None:
         log.info("worker stopping: finishing the queued batch, flushing verdicts and committing offsets")
