@@ -3,8 +3,10 @@ namespaces, concurrency and dead letters. The Kafka worker is tested in test_wor
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +169,35 @@ def test_bad_events_become_dead_letters(pipeline, corpus_bytes, tmp_path):
     assert codes == list(cases)
     raw = pipeline.process([__import__("imgdedup.pipeline", fromlist=["InputRecord"]).InputRecord(b"{oops")])[0]
     assert raw.kind == "dead_letter" and raw.message["error"]["code"] == "invalid_json"
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_http_file_and_inline_sources_share_one_batch(make_settings, corpus_bytes, tmp_path):
+    """http(s) images wait on the fetch pool and then decode on the decode pool; the others go
+    straight to the decode pool. Either way each event gets its own verdict, in order."""
+    names = list(corpus_bytes)[:6]
+    for name in names:
+        (tmp_path / f"{name}.jpg").write_bytes(corpus_bytes[name])
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(tmp_path)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    p = Pipeline(make_settings(http_allow_hosts=["127.0.0.1"], fetch_threads=3, decode_threads=1), embedders=[])
+    try:
+        sources = [event(n, uri=f"{base}/{n}.jpg") if i % 3 == 0 else
+                   event(n, uri=(tmp_path / f"{n}.jpg").as_uri()) if i % 3 == 1 else event(n, corpus_bytes[n])
+                   for i, n in enumerate(names)]
+        out = p.process_events([*sources, event("gone", uri=f"{base}/gone.jpg")])
+        again = p.process_events([event(n + "-http", uri=f"{base}/{n}.jpg") for n in names])
+    finally:
+        p.close()
+        httpd.shutdown()
+    assert [(valid(d)["image_id"], d["verdict"]) for d in out[:-1]] == [(n, "unique") for n in names]
+    assert valid(out[-1])["error"]["code"] == "fetch_failed" and "404" in out[-1]["error"]["message"]
+    assert [(d["verdict"], d["duplicate_of"]) for d in again] == [("exact_duplicate", n) for n in names]
 
 
 def test_low_detail_images_skip_phash_but_keep_exact_matching(pipeline, tmp_path):

@@ -8,6 +8,7 @@ start with a message that names the setting, so a typo never becomes a silent de
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, get_origin
@@ -68,7 +69,13 @@ class Settings(BaseSettings):
     fetch_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed by http(s) fetches.")
     max_image_bytes: int = Field(25_000_000, ge=1024, description="Largest accepted encoded image.")
     max_image_pixels: int = Field(60_000_000, ge=1024, description="Largest accepted width x height.")
-    fetch_threads: int = Field(8, ge=1, le=256, description="Threads fetching and decoding a batch.")
+    fetch_threads: int = Field(8, ge=1, le=256, description="Threads waiting on http(s) fetches (I/O, not CPU).")
+    decode_threads: int = Field(
+        default_factory=lambda: len(os.sched_getaffinity(0)), ge=1, le=256,
+        json_schema_extra={"documented_default": "CPUs usable"},
+        description="Threads decoding and hashing (CPU; inline and file:// images are read there too). "
+        "Default: the CPUs this process may run on; in a container set it to the CPU limit.",
+    )
     draft_decode: bool = Field(True, description="Let JPEG decoding scale down in the DCT domain (fast path).")
 
     # --- Hash tier ---------------------------------------------------------------------------
@@ -190,5 +197,8 @@ def describe() -> list[tuple[str, str, str]]:
         default = field.default_factory() if field.default_factory else field.default
         if isinstance(default, SecretStr):
             default = default.get_secret_value()
-        rows.append((f"IMGDEDUP_{name.upper()}", repr(default) if default is not None else "-", field.description))
+        shown = repr(default) if default is not None else "-"
+        if isinstance(field.json_schema_extra, dict):  # a default that depends on the machine
+            shown = field.json_schema_extra.get("documented_default", shown)
+        rows.append((f"IMGDEDUP_{name.upper()}", shown, field.description))
     return rows

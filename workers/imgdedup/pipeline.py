@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import redis
@@ -97,10 +98,14 @@ class FeatureExtractor:
         self.embedders = embedders
         self.min_side = max([settings.sscd_input_size] if embedders else [0])
         self.fetcher = Fetcher(settings)
-        self.pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="decode")
+        # Two pools: more threads than cores for CPU work only adds GIL and cache contention (measured:
+        # `imgdedup bench`, README "Benchmarks"), while waiting on remote servers needs many threads.
+        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.fetch_pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch")
         self.versions = {"phash": phash_version(settings)} | {e.name: e.version for e in embedders}
 
     def close(self) -> None:
+        self.fetch_pool.shutdown(wait=True)
         self.pool.shutdown(wait=True)
         self.fetcher.close()
 
@@ -111,19 +116,36 @@ class FeatureExtractor:
         return self.finish([self.start(e).result() for e in events])
 
     def start(self, event: messages.ImageEvent) -> Future:
-        """Fetch, decode and hash one event on the pool; `finish` embeds what these futures produced."""
-        return self.pool.submit(self._fetch_and_hash, event)
+        """Fetch, decode and hash one event on the pools; `finish` embeds what these futures produced.
+        Inline and file:// bytes are read on the decode pool; http(s) waits on the fetch pool first."""
+        if not _is_remote(event.image):
+            return self.pool.submit(self._fetch_and_hash, event)
+        done: Future = Future()
+
+        def decode_fetched(fetched: Future) -> None:
+            if fetched.exception() is not None or isinstance(fetched.result(), DeadLetterError):
+                return _forward(fetched, done)
+            try:
+                self.pool.submit(self._hash_guarded, fetched.result()).add_done_callback(partial(_forward, dst=done))
+            except RuntimeError as exc:  # the pool is shutting down: the waiter must not hang
+                done.set_exception(exc)
+
+        self.fetch_pool.submit(self._fetch_guarded, event).add_done_callback(decode_fetched)
+        return done
 
     def _fetch_and_hash(self, event: messages.ImageEvent):
+        data = self._fetch_guarded(event)
+        return data if isinstance(data, DeadLetterError) else self._hash_guarded(data)
+
+    def _fetch_guarded(self, event: messages.ImageEvent) -> bytes | DeadLetterError:
         try:
             with metrics.STAGE_SECONDS.labels("fetch").time():
-                data = self.fetcher.fetch(event.image)
+                return self.fetcher.fetch(event.image)
         except DeadLetterError as exc:
             return exc
         except Exception as exc:  # a fetch bug must not take the batch down
             log.exception("fetch failed unexpectedly for event %s", event.event_id)
             return DeadLetterError(ErrorCode.INTERNAL_ERROR, f"fetch: {type(exc).__name__}: {exc}")
-        return self._hash_guarded(data)
 
     def _hash_guarded(self, data: bytes):
         try:
@@ -293,6 +315,15 @@ class Pipeline:
         message = messages.make_dead_letter(error, key=record.key, value=record.value, topic=record.topic,
                                             partition=record.partition, offset=record.offset, event_id=event_id)
         return Output("dead_letter", record.key, message, record)
+
+
+def _forward(src: Future, dst: Future) -> None:
+    exc = src.exception()
+    dst.set_exception(exc) if exc is not None else dst.set_result(src.result())
+
+
+def _is_remote(image) -> bool:
+    return isinstance(image, dict) and str(image.get("uri", "")).lower().startswith(("http://", "https://"))
 
 
 def _segments(events: list[tuple[int, messages.ImageEvent]]):

@@ -332,6 +332,7 @@ def run_stream(
         "batch_size": settings.batch_size,
         "batch_timeout_s": settings.batch_timeout_s,
         "fetch_threads": settings.fetch_threads,
+        "decode_threads": settings.decode_threads,
         "kafka_extra": settings.kafka_extra,
         "inline": inline,
         "settings": settings.masked(),
