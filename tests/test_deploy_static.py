@@ -341,7 +341,10 @@ def test_kubernetes_manifests_agree_with_each_other(monkeypatch):
         settings.kafka_bootstrap, settings.consumer_group, settings.input_topic)
     assert int(meta["lagThreshold"]) > 0 and meta.get("allowIdleConsumers") == "false"
     text = (K8S / "scaledobject.yaml").read_text()
-    assert "lagThreshold ≈ target drain seconds × events/s per worker" in text and "PLACEHOLDER" in text
+    assert "lagThreshold ≈ target drain seconds × events/s per worker" in text
+    drain_s, per_worker, product = map(int, re.search(r"(\d+) s × (\d+) events/s per worker = (\d+)", text).groups())
+    assert drain_s * per_worker == product == int(meta["lagThreshold"]), "lagThreshold must follow its formula"
+    assert f"60 s × {per_worker} events/s" in (REPO / "README.md").read_text(), "README must quote the same rate"
     names = {d["metadata"]["namespace"] for d in (config, deployment, service, pdb, scaled)}
     assert names == {_k8s("namespace.yaml")["metadata"]["name"]}
 
