@@ -112,9 +112,6 @@ class FeatureExtractor:
     def extract(self, blobs: list[bytes]) -> list[Features | DeadLetterError]:
         return self.finish(list(self.pool.map(self._hash_guarded, blobs)))
 
-    def extract_events(self, events: list[messages.ImageEvent]) -> list[Features | DeadLetterError]:
-        return self.finish([self.start(e).result() for e in events])
-
     def start(self, event: messages.ImageEvent) -> Future:
         """Fetch, decode and hash one event on the pools; `finish` embeds what these futures produced.
         Inline and file:// bytes are read on the decode pool; http(s) waits on the fetch pool first."""
@@ -318,6 +315,8 @@ class Pipeline:
 
 
 def _forward(src: Future, dst: Future) -> None:
+    if dst.cancelled():  # a redelivery whose stored verdict made the features unnecessary
+        return
     exc = src.exception()
     dst.set_exception(exc) if exc is not None else dst.set_result(src.result())
 
