@@ -6,6 +6,7 @@ no dead letters, bench keys cleaned up)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 
@@ -13,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from imgdedup.bench.data import bench_files
-from imgdedup.bench.stream import cycle_events
+from imgdedup.bench.stream import arrival_order, cycle_events
 from imgdedup.cli import cli
 
 TINY = [
@@ -113,3 +114,12 @@ def test_cycled_events_never_repeat_an_image_in_a_namespace(corpus_files):
     assert len(events) == 7 and len({e["event_id"] for e in events}) == 7
     assert len({(e["namespace"], e["image_id"]) for e in events}) == 7
     assert [e["namespace"] for e in events] == ["sat-0"] * 3 + ["sat-1"] * 3 + ["sat-2"]
+
+
+def test_arrival_order_mixes_transforms_and_is_repeatable(corpus_files, tmp_path):
+    files = bench_files(corpus_files[:6], 24, tmp_path)  # bases, then 6 files of each of 3 transforms
+    order = arrival_order(files)
+    assert sorted(order) == sorted(files) and arrival_order(files) == order
+    kinds = [f.stem.partition("__")[2] for f in order]
+    longest = max(len(list(run)) for _, run in itertools.groupby(kinds))
+    assert longest < 6, f"a run of {longest} files of one transform arrives back to back"
