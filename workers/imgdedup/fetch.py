@@ -200,7 +200,7 @@ class Fetcher:
         return data
 
     def _uri(self, uri: str) -> bytes:
-        scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+        scheme = _scheme(uri)
         if scheme == "file":
             return self._file(uri)
         if scheme in ("http", "https"):
@@ -300,6 +300,15 @@ def _read_capped(resp: httpx.Response, limit: int, deadline: float) -> bytes:
             raise DeadLetterError(ErrorCode.FETCH_TIMEOUT, "body still arriving at the fetch deadline")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _scheme(uri: str) -> str:
+    return uri.split(":", 1)[0].lower() if ":" in uri else ""
+
+
+def is_network(image: object) -> bool:
+    """Whether fetching this event's ``image`` waits on a remote server (http/https), not on local I/O."""
+    return isinstance(image, dict) and _scheme(str(image.get("uri", ""))) in ("http", "https")
 
 
 def _file_path(uri: str) -> Path:

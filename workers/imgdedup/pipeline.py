@@ -23,7 +23,7 @@ from imgdedup.config import Settings
 from imgdedup.decode import DRAFT_MIN_SIDE, decode
 from imgdedup.errors import DeadLetterError, ErrorCode
 from imgdedup.features import hash_features, phash_hex
-from imgdedup.fetch import Fetcher
+from imgdedup.fetch import Fetcher, is_network
 from imgdedup.store import ImageFeatures, IndexStore
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class FeatureExtractor:
     def start(self, event: messages.ImageEvent) -> Future:
         """Fetch, decode and hash one event on the pools; `finish` embeds what these futures produced.
         Inline and file:// bytes are read on the decode pool; http(s) waits on the fetch pool first."""
-        if not _is_remote(event.image):
+        if not is_network(event.image):
             return self.pool.submit(self._fetch_and_hash, event)
         done: Future = Future()
 
@@ -319,10 +319,6 @@ def _forward(src: Future, dst: Future) -> None:
         return
     exc = src.exception()
     dst.set_exception(exc) if exc is not None else dst.set_result(src.result())
-
-
-def _is_remote(image) -> bool:
-    return isinstance(image, dict) and str(image.get("uri", "")).lower().startswith(("http://", "https://"))
 
 
 def _segments(events: list[tuple[int, messages.ImageEvent]]):
