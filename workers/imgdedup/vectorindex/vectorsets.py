@@ -24,6 +24,11 @@ from imgdedup.vectorindex.base import Neighbours, VectorIndex, as_matrix, fp32_b
 #: answers "quantization mismatch" / "M value mismatch". Q8 stores int8 (4x less memory than
 #: NOQUANT); M is the HNSW graph degree (Redis' default, 16).
 CREATION_FLAGS = ("Q8", "M", 16)
+#: VADD option (not a creation flag): Redis collects the new node's neighbour candidates on a
+#: background thread, so VADDs from several connections (workers, a backfill) insert in parallel.
+#: Measured on 2 cores from 5k to 25k vectors: 3 connections with CAS 1,060 VADD/s, 1 connection
+#: 630-643/s with or without it, 4 connections without it 517/s.
+VADD_OPTIONS = ("CAS",)
 #: Search exploration factor of VSIM: higher finds true neighbours more often, costs latency.
 QUERY_EF = 200
 
@@ -59,7 +64,7 @@ class VectorSetIndex(VectorIndex):
         for image_id, vector in items:
             shard = shard_of(image_id, self.shards)
             pipe.execute_command("VADD", self.keys.vectorset(ns, embedder, shard), "FP32", fp32_blob(vector),
-                                 image_id, *self.creation_flags)
+                                 image_id, *VADD_OPTIONS, *self.creation_flags)
             locators.append(f"{embedder}/{shard}")
         if items:
             pipe.execute()
