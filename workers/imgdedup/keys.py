@@ -18,8 +18,8 @@ Keys, with what they hold:
                                             *committed* and counts as a match for later images
 ``P:rec:{ns/image_id}``                     hash: the image record (fields in :data:`RECORD_FIELDS`)
 ``P:sha:{ns/sha256}``                       set of image_ids whose bytes have this SHA-256
-``P:mih:{ns/t/xxxx}``                       set: hash-table ``t`` bucket ``xxxx`` (hex substring); members
-                                            are 8 bytes of big-endian pHash followed by the image_id
+``P:mih:{ns/t/xxxx}``                       string: hash-table ``t`` bucket ``xxxx`` (hex substring), entries
+                                            ``<16 hex pHash><image_id>\\n`` (see :mod:`imgdedup.hashindex`)
 ``P:vec:{ns/embedder/shard}``               Redis vector set of one embedder's vectors (element = image_id)
 ``P:vdoc:{ns/embedder}:image_id``           hash holding one vector for the RediSearch backend
 ``P:namespaces``                            set of namespaces that ever held an image (for metrics)
@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LAYOUT_VERSION = 1
+#: 2: hash buckets are strings of entries (were SETs in 1).
+LAYOUT_VERSION = 2
 
 #: Fields of an image record hash (``P:rec:{ns/image_id}``).
 RECORD_FIELDS = (

@@ -246,6 +246,7 @@ def mih_rows(r: dict) -> list[Row]:
             r["brute_1_ms"]["p99"],
             max_ms=MIH_P99_TARGET_MS,
         ),
+        Row("mih", f"Redis server time per query (commandstats) {n}", r["server_us_per_query"], "us"),
         latency_row(
             "mih",
             f"round trip p50, {b} queries {n}",

@@ -62,6 +62,12 @@ def brute_force(hashes: np.ndarray, query: int, radius: int) -> list[tuple[str, 
     return sorted(((image_id(int(i)), int(distances[i])) for i in hits), key=lambda m: (m[1], m[0]))
 
 
+def server_usec(client) -> int:
+    """Microseconds Redis has spent in commands since its stats were reset (INFO commandstats):
+    the server's share of a query, apart from the client's and the network's."""
+    return sum(int(stats["usec"]) for stats in client.info("commandstats").values())
+
+
 def run_mih(
     client,
     key_prefix: str,
@@ -94,10 +100,12 @@ def run_mih(
 
     index.query(NS, [(q, radius) for q in qlist[:10]])  # warm the connection
     one_s, answers = [], []
+    server_before = server_usec(client)
     for q in qlist[:singles]:
         start = time.perf_counter()
         answers += index.query(NS, [(q, radius)])
         one_s.append(time.perf_counter() - start)
+    server_per_query_us = (server_usec(client) - server_before) / max(1, singles)
     many_s = []
     for b in range(batches):
         chunk = qlist[singles + b * batch_size : singles + (b + 1) * batch_size]
@@ -122,6 +130,7 @@ def run_mih(
         "probes_per_query": answers[0].probes if answers else 0,
         "mean_candidates": float(np.mean([a.candidates for a in answers])) if answers else 0.0,
         "mih_1_ms": percentiles_ms(one_s),
+        "server_us_per_query": server_per_query_us,
         "brute_1_ms": percentiles_ms(brute_s[:singles]),
         "batch_size": batch_size,
         "mih_batch_ms": percentiles_ms(many_s),
