@@ -35,7 +35,6 @@ LAYOUT_VERSION = 2
 
 #: Fields of an image record hash (``P:rec:{ns/image_id}``).
 RECORD_FIELDS = (
-    "image_id",  # the id again, so a record read by key alone is self-describing
     "event_id",  # event that last wrote the record (idempotent replay key)
     "sha256",  # hex digest of the image bytes
     "phash",  # 16 hex digits
@@ -43,7 +42,7 @@ RECORD_FIELDS = (
     "mih",  # comma-separated bucket hex substrings written, one per table ("" if none)
     "vectors",  # comma-separated "embedder/shard" vector entries written
     "canonical",  # image_id of the canonical original ("" until decided; own id if unique)
-    "decision",  # JSON of the decided verdict (verdict, duplicate_of, matches) for replays
+    "decision",  # JSON of the decided verdict (verdict, duplicate_of, matches; empty ones left out) for replays
     "indexed_at",  # unix seconds of the first write
 )
 

@@ -81,7 +81,8 @@ class IndexStore:
         """The decision already made for this very event (a redelivery), if any."""
         if not record or record.get("event_id") != event_id or not record.get("decision"):
             return None
-        return Decision(**json.loads(record["decision"]))
+        stored = json.loads(record["decision"])
+        return Decision(stored["verdict"], stored.get("duplicate_of"), stored.get("matches", []))
 
     # --- indexing ------------------------------------------------------------------------------
     def index(self, images: list[ImageFeatures], prior: list[dict[str, str] | None]) -> list[Indexed]:
@@ -110,7 +111,7 @@ class IndexStore:
         pipe = self.client.pipeline(transaction=False)
         for img in images:
             key = self.keys.record(img.namespace, img.image_id)
-            pipe.hset(key, mapping={"image_id": img.image_id, "event_id": img.event_id, "sha256": img.sha256,
+            pipe.hset(key, mapping={"event_id": img.event_id, "sha256": img.sha256,
                                     "phash": f"{img.phash:016x}", "low_detail": int(img.low_detail)})
             pipe.hsetnx(key, "indexed_at", now)
             pipe.sadd(self.keys.sha(img.namespace, img.sha256), img.image_id)
@@ -196,8 +197,7 @@ class IndexStore:
             d = res.decision
             pipe.hset(self.keys.record(img.namespace, img.image_id), mapping={
                 "canonical": d.duplicate_of or img.image_id,
-                "decision": json.dumps({"verdict": d.verdict, "duplicate_of": d.duplicate_of, "matches": d.matches},
-                                       separators=(",", ":")),
+                "decision": _compact_decision(d),
             })
         pipe.execute()
 
@@ -243,6 +243,13 @@ class IndexStore:
         for ns in names:
             pipe.hlen(self.keys.order(ns))
         return dict(zip(names, pipe.execute()))
+
+
+def _compact_decision(d: Decision) -> str:
+    """The decision as stored for replays: JSON without the empty parts (most images are unique with
+    no matches, and every byte of a record is paid once per image)."""
+    stored = {"verdict": d.verdict, "duplicate_of": d.duplicate_of, "matches": d.matches}
+    return json.dumps({k: v for k, v in stored.items() if v}, separators=(",", ":"))
 
 
 def _by_namespace(images: list[ImageFeatures]) -> dict[str, list[int]]:
