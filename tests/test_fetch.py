@@ -360,3 +360,20 @@ def test_file_edge_cases(roots):
     assert code_of(s, {"uri": (root / "big.jpg").as_uri()}) is ErrorCode.TOO_LARGE
     assert code_of(s, {"uri": f"file://fileserver{root}/in.jpg"}) is ErrorCode.URI_NOT_ALLOWED
     assert code_of(settings(), {"uri": (root / "in.jpg").as_uri()}) is ErrorCode.URI_NOT_ALLOWED  # no roots
+
+
+def test_a_hanging_dns_lookup_ends_at_the_fetch_deadline():
+    """getaddrinfo has no timeout of its own; the fetch deadline bounds it. This resolver answers
+    only when the test releases it, so without the bound the fetch would wait for the release and
+    then be refused for the loopback answer (uri_not_allowed) instead of timing out."""
+    release = threading.Event()
+
+    def resolver(host, port, **kw):
+        release.wait(30)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    try:
+        with Fetcher(settings(fetch_timeout_s=0.2), resolver=resolver) as fetcher:
+            assert code_of(fetcher, {"uri": "http://slow-dns.test/img"}) is ErrorCode.FETCH_TIMEOUT
+    finally:
+        release.set()

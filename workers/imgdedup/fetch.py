@@ -19,6 +19,8 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit
@@ -85,10 +87,12 @@ class AddressPolicy:
             except ValueError:
                 self.allowed_names.add(entry.lower().rstrip("."))
 
-    def resolve(self, host: str, port: int) -> list[str]:
+    def resolve(self, host: str, port: int, timeout: float | None = None) -> list[str]:
         """The addresses to connect to for ``host``, all checked; refuses with uri_not_allowed."""
         try:
-            infos = self.resolver(host, port, type=socket.SOCK_STREAM)
+            infos = _within(timeout, self.resolver, host, port, type=socket.SOCK_STREAM)
+        except FutureTimeout:
+            raise DeadLetterError(ErrorCode.FETCH_TIMEOUT, f"resolving host {host!r} took over {timeout:.3g} s") from None
         except (socket.gaierror, UnicodeError) as exc:
             raise DeadLetterError(ErrorCode.FETCH_FAILED, f"cannot resolve host {host!r}: {exc}") from None
         addrs = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
@@ -102,6 +106,27 @@ class AddressPolicy:
                         ErrorCode.URI_NOT_ALLOWED, f"host {host!r} resolves to {addr} ({reason}); not in http_allow_hosts"
                     )
         return [str(a) for a in addrs]
+
+
+def _within(timeout: float | None, call: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` on a daemon thread, waiting at most ``timeout`` seconds for it.
+
+    For getaddrinfo, which has no timeout of its own (the system resolver's retries can take tens of
+    seconds): the fetch deadline bounds the wait. A lookup that outlives it keeps its thread until
+    the resolver gives up; being a daemon, it never holds up the worker's exit.
+    """
+    if timeout is None:
+        return call(*args, **kwargs)
+    answer: Future = Future()
+
+    def run() -> None:
+        try:
+            answer.set_result(call(*args, **kwargs))
+        except BaseException as exc:  # handed to the waiting fetch thread, which decides
+            answer.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="imgdedup-dns").start()
+    return answer.result(timeout)
 
 
 class _PinnedBackend(httpcore.SyncBackend):
@@ -120,7 +145,7 @@ class _PinnedBackend(httpcore.SyncBackend):
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Any = None) -> httpcore.NetworkStream:
         last: Exception | None = None
-        for addr in self.policy.resolve(host, port):
+        for addr in self.policy.resolve(host, port, timeout):
             try:
                 return super().connect_tcp(addr, port, timeout, local_address, socket_options)
             except httpcore.ConnectError as exc:  # try the next checked address
