@@ -234,6 +234,12 @@ def paced(
     with answers.lock:
         latencies = [answers.got[eid][0] - t for eid, (t, _) in sent.items()]
         walls = [(wall, *answers.wall[eid]) for eid, (_, wall) in sent.items() if eid in answers.wall]
+        first = min(t for t, _ in sent.values())
+        # Per event in sending order: seconds since the first was sent, latency ms, and the part of
+        # it before the worker stamped processed_at: shows whether slow events come alone or in runs.
+        series = [[round(t - first, 4), round((answers.got[eid][0] - t) * 1e3, 2),
+                   round((answers.wall[eid][1] - wall) * 1e3, 2) if eid in answers.wall else None]
+                  for eid, (t, wall) in sent.items()]
     return {
         "target_rate": rate,
         "events": count,
@@ -243,6 +249,7 @@ def paced(
         # wall clock, same host: produced -> the worker stamped processed_at -> verdict received here
         "to_processed_ms": percentiles_ms([p - s for s, _, p in walls]),
         "after_processed_ms": percentiles_ms([r - p for _, r, p in walls]),
+        "series": series,
     }
 
 

@@ -1,6 +1,6 @@
 """Vector-tier measurements: SSCD separation and speed, Redis vector index throughput, latency, memory.
 
-Run ``python -m imgdedup.bench.vector_bench {separation,speed,redis} --help``. The numbers in
+Run ``python -m imgdedup.bench.vector_bench {separation,speed,redis,vadd} --help``. The numbers in
 the README's vector-tier tables came from the commands listed there. Inputs are seeded, so reruns differ
 only by machine load; speeds are the best of ``--repeat`` runs.
 """
@@ -11,6 +11,7 @@ import argparse
 import io
 import random
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -217,6 +218,54 @@ def _redis_main(args) -> None:
             server.stop()
 
 
+def _vadd_rate(address: str, vectors: np.ndarray, connections: int, options: tuple, batch: int) -> float:
+    """VADDs/s into one fresh vector set, ``connections`` clients each adding its share in pipelines.
+    The first tenth is added by one client, untimed, so every run starts from the same graph size."""
+    import redis
+
+    def add(lo: int, hi: int) -> None:
+        client = redis.Redis.from_url(address)
+        for first in range(lo, hi, batch):
+            pipe = client.pipeline(transaction=False)
+            for i in range(first, min(first + batch, hi)):
+                pipe.execute_command("VADD", "vadd-bench", "FP32", vectors[i].tobytes(), f"img-{i}", *options,
+                                     "Q8", "M", 16)
+            pipe.execute()
+
+    warm = len(vectors) // 10
+    add(0, warm)
+    bounds = np.linspace(warm, len(vectors), connections + 1).astype(int)
+    threads = [threading.Thread(target=add, args=(int(a), int(b))) for a, b in zip(bounds, bounds[1:])]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rate = (len(vectors) - warm) / (time.perf_counter() - start)
+    redis.Redis.from_url(address).delete("vadd-bench")
+    return rate
+
+
+def _vadd_main(args) -> None:
+    """VADD throughput with CAS over several connections against one connection, in the same run."""
+    from imgdedup import devstack
+
+    vectors = _unit(np.random.default_rng(args.seed), args.count, args.dim)
+    with tempfile.TemporaryDirectory() as workdir:
+        server = devstack.start_redis(devstack.free_port(), Path(workdir), persist=False, modules=())
+        try:
+            base = _vadd_rate(server.address, vectors, 1, (), args.batch)
+            print(f"{args.count:,} random unit {args.dim}-d vectors (Q8, M 16), the last 90% timed")
+            print(f"1 connection, no CAS (baseline)   {base:7.0f} VADD/s")
+            for n in args.connections:
+                for options in ((), ("CAS",)):
+                    rate = _vadd_rate(server.address, vectors, n, options, args.batch)
+                    label = f"{n} connections, {'CAS' if options else 'no CAS'}"
+                    print(f"{label:33s} {rate:7.0f} VADD/s  {rate / base:.2f}x", flush=True)
+        finally:
+            server.stop()
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
@@ -243,8 +292,14 @@ def main(argv: list[str] | None = None) -> None:
     red.add_argument("--seed", type=int, default=0)
     red.add_argument("--backends", type=lambda s: s.split(","), default=["Q8", "NOQUANT", "Q8:1", "redisearch"],
                      help="vector-set quantisation[:shards] entries and/or 'redisearch'")
+    vadd = sub.add_parser("vadd", help="VADD/s with CAS over several connections against one connection")
+    vadd.add_argument("--count", type=int, default=25_000)
+    vadd.add_argument("--dim", type=int, default=512)
+    vadd.add_argument("--batch", type=int, default=64, help="vectors per add pipeline")
+    vadd.add_argument("--connections", type=_ints, default=[1, 3])
+    vadd.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    {"separation": _separation_main, "speed": _speed_main, "redis": _redis_main}[args.command](args)
+    {"separation": _separation_main, "speed": _speed_main, "redis": _redis_main, "vadd": _vadd_main}[args.command](args)
 
 
 if __name__ == "__main__":
