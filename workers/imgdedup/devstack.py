@@ -77,14 +77,16 @@ class Server:
 
 
 def start_redis(port: int, workdir: Path, *, persist: bool = True, modules: tuple[str, ...] = (),
-                detach: bool = False) -> Server:
-    """Start Redis 8 on 127.0.0.1:port with its files in workdir (append-only file if persist)."""
+                detach: bool = False, extra: tuple[str, ...] = ()) -> Server:
+    """Start Redis 8 on 127.0.0.1:port with its files in workdir (append-only file if persist);
+    ``extra`` are more ``--name value`` arguments (the cluster tests start cluster nodes)."""
     workdir.mkdir(parents=True, exist_ok=True)
     args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir.resolve()),
             "--save", "", "--appendonly", "yes" if persist else "no", "--protected-mode", "yes",
             "--logfile", "redis.log"]
     for module in modules:
         args += ["--loadmodule", module]
+    args += list(extra)
     proc = _spawn(args, workdir, detach)
     server = Server("redis", proc, f"redis://127.0.0.1:{port}/0")
     _wait(lambda: redis.Redis(port=port, socket_timeout=0.5).ping(), server, workdir / "redis.log")

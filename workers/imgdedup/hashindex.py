@@ -27,6 +27,7 @@ import redis
 
 from imgdedup import metrics
 from imgdedup.keys import Keys
+from imgdedup.lua import queue_eval
 from imgdedup.mih import format_substring, hex_table, probe_count, probe_masks, split, table_radii, width_of
 
 _MAX_PHASH = (1 << 64) - 1
@@ -119,8 +120,6 @@ class PHashIndex:
         if direct_reads is None:
             direct_reads = isinstance(client, redis.Redis)
         self._direct_reads = direct_reads
-        self._append = client.register_script(_APPEND_LUA)
-        self._cut = client.register_script(_CUT_LUA)
 
     # --- writes --------------------------------------------------------------------------------
 
@@ -136,7 +135,7 @@ class PHashIndex:
         writes = self._bucket_writes(ns, unique)
         pipe = self._client.pipeline(transaction=False)
         for key, entry, _, _ in writes:
-            self._append(keys=[key], args=[entry, self.bucket_cap], client=pipe)
+            queue_eval(pipe, _APPEND_LUA, [key], [entry, self.bucket_cap])
         refused = [w for w, status in zip(writes, pipe.execute()) if status == _FULL]
         if refused:
             metrics.MIH_CAPPED.inc(len(refused))
@@ -154,7 +153,7 @@ class PHashIndex:
             entry = _entry(image_id, _check_phash(phash))
             for table, hexstr in enumerate(substrings):
                 if hexstr:
-                    self._cut(keys=[self._key(ns, table, hexstr.encode())], args=[entry], client=pipe)
+                    queue_eval(pipe, _CUT_LUA, [self._key(ns, table, hexstr.encode())], [entry])
                     count += 1
         return sum(pipe.execute()) if count else 0
 

@@ -26,6 +26,7 @@ from imgdedup import metrics
 from imgdedup.config import Settings
 from imgdedup.hashindex import PHashIndex
 from imgdedup.keys import Keys
+from imgdedup.lua import queue_eval
 from imgdedup.policy import Candidate, Decision, Evidence, decide
 
 # KEYS[1] = the namespace's sequence counter, KEYS[2] = its order hash; both carry the {ns} hash tag,
@@ -65,7 +66,6 @@ class IndexStore:
         self.keys = Keys(settings.key_prefix)
         self.phash = PHashIndex(client, self.keys, settings.mih_tables, settings.mih_bucket_cap)
         self.vectors = vector_index
-        self._commit = client.register_script(_COMMIT_LUA)
         self._thresholds = {"sscd": settings.sscd_threshold, "clip": settings.clip_threshold}
 
     # --- reading -------------------------------------------------------------------------------
@@ -137,8 +137,8 @@ class IndexStore:
         pipe = self.client.pipeline(transaction=False)
         for img, fields in zip(images, written):
             pipe.hset(self.keys.record(img.namespace, img.image_id), mapping=fields)
-            self._commit(keys=[self.keys.seq(img.namespace), self.keys.order(img.namespace)],
-                         args=[img.image_id], client=pipe)
+            queue_eval(pipe, _COMMIT_LUA, [self.keys.seq(img.namespace), self.keys.order(img.namespace)],
+                       [img.image_id])
         return [int(s) for s in pipe.execute()[1::2]]
 
     def _query(self, images: list[ImageFeatures]) -> list[dict[str, Candidate]]:
