@@ -58,7 +58,7 @@ def _brute(ids, hashes, query, radius):
 
 
 def test_keys_spread_over_every_node(cluster):
-    index = PHashIndex(cluster, Keys("c" + str(next(_namespaces))), 4, bucket_cap=100)
+    index = PHashIndex(cluster, Keys("c" + str(next(_namespaces))), 4, bucket_cap_bytes=10_000)
     index.add("ns", [(f"i{i}", int(h)) for i, h in enumerate(np.random.default_rng(0).integers(0, 2**63, 200))])
     per_node = [n.redis_connection.dbsize() for n in cluster.get_primaries()]
     assert len(per_node) == 3 and min(per_node) > 0
@@ -71,7 +71,7 @@ def test_phash_index_matches_brute_force_on_a_cluster(cluster):
     hashes = [int(centres[i % 20]) ^ int(np.bitwise_or.reduce(np.uint64(1) << flips[i, : i % 7].astype(np.uint64)))
               if i % 7 else int(centres[i % 20]) for i in range(600)]
     ids = [f"img-{i}" if i % 5 else f"a%b\nc-{i}" for i in range(600)]
-    index = PHashIndex(cluster, Keys("c" + str(next(_namespaces))), 4, bucket_cap=10**6)
+    index = PHashIndex(cluster, Keys("c" + str(next(_namespaces))), 4, bucket_cap_bytes=10**6)
     assert not index._direct_reads  # the cluster client reads bucket by bucket, grouped per node
     written = index.add("ns", list(zip(ids, hashes)))
     assert not any(w.capped for w in written)

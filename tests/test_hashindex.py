@@ -65,7 +65,7 @@ def index_cases(draw):
 def test_query_returns_exactly_the_brute_force_set(redis_client, key_prefix, case, direct):
     hashes, tables, queries = case
     ns = f"prop{next(_namespaces)}"
-    index = PHashIndex(redis_client, Keys(key_prefix), tables, bucket_cap=10**9, direct_reads=direct)
+    index = PHashIndex(redis_client, Keys(key_prefix), tables, bucket_cap_bytes=10**9, direct_reads=direct)
     ids = [f"img-{i}" if i % 3 else f"bild-ü{i}" if i % 2 else f"line\n%0A{i}%" for i in range(len(hashes))]
     added = index.add(ns, list(zip(ids, hashes)))
     assert all(not a.capped for a in added)
@@ -87,7 +87,7 @@ def test_both_read_paths_with_a_shared_bucket_batch(redis_client, key_prefix):
     queries = [(h, 8) for h in hashes[:20]] + [(centre, 10), (centre, 0)]
     answers = []
     for direct in (True, False):
-        index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap=10**6, direct_reads=direct)
+        index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap_bytes=10**6, direct_reads=direct)
         index.add("shared", list(zip(ids, hashes)))
         answers.append([r.matches for r in index.query("shared", queries)])
     assert answers[0] == answers[1] == [brute_force(ids, hashes, q, r) for q, r in queries]
@@ -95,7 +95,7 @@ def test_both_read_paths_with_a_shared_bucket_batch(redis_client, key_prefix):
 
 
 def test_query_result_excludes_self_and_empty_cases(redis_client, key_prefix):
-    index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap=100)
+    index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap_bytes=10_000)
     assert index.add("ns", []) == [] and index.query("ns", []) == []
     assert index.query("ns", [(123, 8)])[0].matches == []
     index.add("ns", [("a", 0xFF), ("b", 0xFE)])
@@ -113,9 +113,12 @@ def _capped_count() -> float:
     return REGISTRY.get_sample_value("imgdedup_mih_capped_buckets_total") or 0.0
 
 
+ENTRY = 16 + 2 + 1  # bytes of one bucket entry of the ids below: hex pHash, "c0".."c9", newline
+
+
 def test_full_bucket_never_grows_and_is_reported(redis_client, key_prefix):
     keys = Keys(key_prefix)
-    index = PHashIndex(redis_client, keys, 4, bucket_cap=3)
+    index = PHashIndex(redis_client, keys, 4, bucket_cap_bytes=3 * ENTRY)
     rng = np.random.default_rng(1)
     # Same top 16 bits (table 0 bucket "abcd"), random elsewhere (their own buckets in tables 1-3).
     hashes = [(0xABCD << 48) | int(v) for v in rng.integers(0, 1 << 48, 10)]
@@ -139,13 +142,13 @@ def test_full_bucket_never_grows_and_is_reported(redis_client, key_prefix):
     assert _entries(redis_client, bucket) == 3
     # Lowering the cap refuses new members but never evicts ones already written (their records
     # say they are there).
-    smaller = PHashIndex(redis_client, keys, 4, bucket_cap=1)
+    smaller = PHashIndex(redis_client, keys, 4, bucket_cap_bytes=ENTRY)
     assert [r.capped for r in smaller.add("ns", [items[1], items[2], items[3]])] == [[], [], [0]]
     assert _entries(redis_client, bucket) == 3
 
 
 def test_remove_takes_exactly_what_was_written(redis_client, key_prefix):
-    index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap=100)
+    index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap_bytes=10_000)
     items = [("a", 0x0123456789ABCDEF), ("b", 0x0123456789ABCDEE), ("c", MAX)]
     written = index.add("ns", items)
     assert parse_record_field(written[0].record_field()) == written[0].substrings == ["0123", "4567", "89ab", "cdef"]
@@ -162,7 +165,7 @@ def test_remove_takes_exactly_what_was_written(redis_client, key_prefix):
 
 
 def test_namespaces_never_see_each_other(redis_client, key_prefix):
-    index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap=100)
+    index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap_bytes=10_000)
     hashes = [0, 1, MAX, 0xF0F0F0F0F0F0F0F0]
     shop1 = index.add("shop1", [(f"s1-{i}", h) for i, h in enumerate(hashes)])
     index.add("shop2", [(f"s2-{i}", h) for i, h in enumerate(hashes)])

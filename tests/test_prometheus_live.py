@@ -61,7 +61,7 @@ MAY_BE_EMPTY = {
     "alert ImgdedupWorkerDown": "the worker is up",
     "alert ImgdedupNoVerdicts": "verdicts are being published",
     "alert ImgdedupRedisMemoryNearLimit": "the test Redis has no maxmemory (ratio undefined) and is nearly empty",
-    "alert ImgdedupHashBucketsCapped": "no bucket reaches mih_bucket_cap with a handful of photos",
+    "alert ImgdedupHashBucketsCapped": "no bucket reaches mih_bucket_cap_bytes with a handful of photos",
     "Transient errors and retries [A]": "errors{dependency} appears only after a Kafka/Redis error",
     "Transient errors and retries [B]": "retries{dependency} appears only after a Redis error",
 }

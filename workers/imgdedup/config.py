@@ -82,7 +82,10 @@ class Settings(BaseSettings):
     # --- Hash tier ---------------------------------------------------------------------------
     phash_radius: int = Field(8, ge=0, le=32, description="Largest pHash Hamming distance counted as a near duplicate.")
     mih_tables: int = Field(4, description="Substring tables of the multi-index hash (divides 64).")
-    mih_bucket_cap: int = Field(5000, ge=16, description="Most members one hash bucket holds; more are counted, not stored.")
+    mih_bucket_cap_bytes: int = Field(
+        200_000, ge=1024,
+        description="Most bytes one hash bucket holds (an entry is 17 bytes plus the image id, so ~5,000 "
+                    "entries of 23-byte ids); entries past it are counted, not stored.")
     low_detail_std: float = Field(
         2.5, ge=0,
         description="Robust std-dev (grey levels) of the pHash's 8x8 DCT coefficients below which an image is "

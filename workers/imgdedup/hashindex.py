@@ -40,15 +40,16 @@ _HEX_VALUE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, d
 _HEX_OFFSETS = np.arange(16)
 _HEX_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
 
-# KEYS[1] = a bucket, ARGV[1] = the entry (ends with a newline), ARGV[2] = the cap in entries.
-# Returns 1 if appended, 0 if it was there already, -1 if the bucket is full. SET of the whole value
+# KEYS[1] = a bucket, ARGV[1] = the entry (ends with a newline), ARGV[2] = the cap in bytes.
+# Returns 1 if appended, 0 if it was there already, -1 if it would take the bucket over the cap.
+# The cap is in bytes because a string's length is known at once while counting entries means
+# scanning it (~1 ms per add at 200 KB); bytes are also what a query pays for. SET of the whole value
 # rather than APPEND, which would over-allocate the string for growth (up to twice its size).
 _APPEND_LUA = """
 local blob = redis.call('GET', KEYS[1]) or ''
 local entry = ARGV[1]
 if string.sub(blob, 1, #entry) == entry or string.find(blob, '\\n' .. entry, 1, true) then return 0 end
-local _, count = string.gsub(blob, '\\n', '')
-if count >= tonumber(ARGV[2]) then return -1 end
+if #blob + #entry > tonumber(ARGV[2]) then return -1 end
 redis.call('SET', KEYS[1], blob .. entry)
 return 1
 """
@@ -107,13 +108,13 @@ class QueryResult:
 class PHashIndex:
     """Add, remove and radius-query pHashes in batches, one round trip per batch."""
 
-    def __init__(self, client, keys: Keys, tables: int, bucket_cap: int, *, max_probes: int = 1 << 16,
+    def __init__(self, client, keys: Keys, tables: int, bucket_cap_bytes: int, *, max_probes: int = 1 << 16,
                  direct_reads: bool | None = None):
         self._client = client
         self._keys = keys
         self.tables = tables
         self.width = width_of(tables)
-        self.bucket_cap = bucket_cap
+        self.bucket_cap_bytes = bucket_cap_bytes
         self.max_probes = max_probes
         if _decodes_responses(client):
             raise ValueError("PHashIndex needs a client with decode_responses=False (members are binary)")
@@ -126,8 +127,8 @@ class PHashIndex:
     def add(self, ns: str, items: list[tuple[str, int]]) -> list[AddResult]:
         """Write each (image_id, phash) into every table; a full bucket refuses the entry (capped).
 
-        One script per bucket appends the entry unless it is there already or the bucket holds
-        ``bucket_cap`` entries, atomically, so re-adding is harmless and a full bucket never grows.
+        One script per bucket appends the entry unless it is there already or it would take the bucket
+        past ``bucket_cap_bytes``, atomically, so re-adding is harmless and a full bucket never grows.
         """
         unique = list(dict.fromkeys((image_id, _check_phash(phash)) for image_id, phash in items))
         if not unique:
@@ -135,7 +136,7 @@ class PHashIndex:
         writes = self._bucket_writes(ns, unique)
         pipe = self._client.pipeline(transaction=False)
         for key, entry, _, _ in writes:
-            queue_eval(pipe, _APPEND_LUA, [key], [entry, self.bucket_cap])
+            queue_eval(pipe, _APPEND_LUA, [key], [entry, self.bucket_cap_bytes])
         refused = [w for w, status in zip(writes, pipe.execute()) if status == _FULL]
         if refused:
             metrics.MIH_CAPPED.inc(len(refused))

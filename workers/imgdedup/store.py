@@ -64,7 +64,7 @@ class IndexStore:
         self.client = client
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.phash = PHashIndex(client, self.keys, settings.mih_tables, settings.mih_bucket_cap)
+        self.phash = PHashIndex(client, self.keys, settings.mih_tables, settings.mih_bucket_cap_bytes)
         self.vectors = vector_index
         self._thresholds = {"sscd": settings.sscd_threshold, "clip": settings.clip_threshold}
 

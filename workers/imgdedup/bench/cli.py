@@ -218,7 +218,7 @@ def bench_mih(stack, settings, sizes: Sizes, seed: int) -> dict:
             client,
             prefix,
             settings.mih_tables,
-            settings.mih_bucket_cap,
+            settings.mih_bucket_cap_bytes,
             settings.phash_radius,
             sizes.hashes,
             sizes.queries,

@@ -72,7 +72,7 @@ def run_mih(
     client,
     key_prefix: str,
     tables: int,
-    bucket_cap: int,
+    bucket_cap_bytes: int,
     radius: int,
     count: int,
     singles: int,
@@ -81,7 +81,7 @@ def run_mih(
     seed: int = 0,
 ) -> dict:
     rng = np.random.default_rng(seed)
-    index = PHashIndex(client, Keys(key_prefix), tables, bucket_cap)
+    index = PHashIndex(client, Keys(key_prefix), tables, bucket_cap_bytes)
     hashes = make_hashes(rng, count)
     before = int(client.info("memory")["used_memory"])
     add_rate = fill(index, hashes)
