@@ -122,7 +122,7 @@ def _within(timeout: float | None, call: Callable, *args: Any, **kwargs: Any) ->
     def run() -> None:
         try:
             answer.set_result(call(*args, **kwargs))
-        except BaseException as exc:  # handed to the waiting fetch thread, which decides
+        except BaseException as exc:  # noqa: BLE001 -- handed to the waiting fetch thread, which decides
             answer.set_exception(exc)
 
     threading.Thread(target=run, daemon=True, name="imgdedup-dns").start()

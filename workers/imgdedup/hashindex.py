@@ -25,10 +25,11 @@ from functools import lru_cache
 import numpy as np
 import redis
 
-from imgdedup import metrics
+from imgdedup import metrics, roundtrip
 from imgdedup.keys import Keys
 from imgdedup.lua import queue_eval
 from imgdedup.mih import format_substring, hex_table, probe_count, probe_masks, split, table_radii, width_of
+from imgdedup.roundtrip import Finish
 
 _MAX_PHASH = (1 << 64) - 1
 _SENTINEL = "\x00substring\x00"
@@ -125,26 +126,31 @@ class PHashIndex:
     # --- writes --------------------------------------------------------------------------------
 
     def add(self, ns: str, items: list[tuple[str, int]]) -> list[AddResult]:
-        """Write each (image_id, phash) into every table; a full bucket refuses the entry (capped).
+        """Write each (image_id, phash) into every table (see :meth:`queue_add`), one round trip."""
+        return roundtrip.run(self._client, self.queue_add, ns, items)
+
+    def queue_add(self, pipe, ns: str, items: list[tuple[str, int]]) -> Finish:
+        """Queue the bucket writes of each (image_id, phash); a full bucket refuses the entry (capped).
 
         One script per bucket appends the entry unless it is there already or it would take the bucket
         past ``bucket_cap_bytes``, atomically, so re-adding is harmless and a full bucket never grows.
         """
         unique = list(dict.fromkeys((image_id, _check_phash(phash)) for image_id, phash in items))
-        if not unique:
-            return []
-        writes = self._bucket_writes(ns, unique)
-        pipe = self._client.pipeline(transaction=False)
+        writes = self._bucket_writes(ns, unique) if unique else []
         for key, entry, _, _ in writes:
             queue_eval(pipe, _APPEND_LUA, [key], [entry, self.bucket_cap_bytes])
-        refused = [w for w, status in zip(writes, pipe.execute()) if status == _FULL]
-        if refused:
-            metrics.MIH_CAPPED.inc(len(refused))
-        written = {(item, t): hexstr for _, _, (item, t), hexstr in writes}
-        for _, _, slot, _ in refused:
-            written[slot] = ""
-        by_item = {item: AddResult(item[0], [written[item, t] for t in range(self.tables)]) for item in unique}
-        return [by_item[image_id, int(phash)] for image_id, phash in items]
+
+        def finish(replies: list) -> list[AddResult]:
+            refused = [w for w, status in zip(writes, replies) if status == _FULL]
+            if refused:
+                metrics.MIH_CAPPED.inc(len(refused))
+            written = {(item, t): hexstr for _, _, (item, t), hexstr in writes}
+            for _, _, slot, _ in refused:
+                written[slot] = ""
+            by_item = {item: AddResult(item[0], [written[item, t] for t in range(self.tables)]) for item in unique}
+            return [by_item[image_id, int(phash)] for image_id, phash in items]
+
+        return finish
 
     def remove(self, ns: str, items: list[tuple[str, int, list[str]]]) -> int:
         """Remove exactly the entries an earlier :meth:`add` wrote; returns how many existed."""
@@ -157,6 +163,11 @@ class PHashIndex:
                     queue_eval(pipe, _CUT_LUA, [self._key(ns, table, hexstr.encode())], [entry])
                     count += 1
         return sum(pipe.execute()) if count else 0
+
+    def substrings(self, phash: int) -> list[str]:
+        """The bucket (hex substring) of ``phash`` in each table: where :meth:`add` writes it."""
+        row = split(np.array([_check_phash(phash)], dtype=np.uint64), self.tables)[0]
+        return [format_substring(int(v), self.width) for v in row]
 
     def _bucket_writes(self, ns: str, unique: list[tuple[str, int]]):
         """(key, entry, (item, table), hex) for every table of every item."""
@@ -174,16 +185,37 @@ class PHashIndex:
     def query(self, ns: str, queries: list[tuple[int, int]]) -> list[QueryResult]:
         """All stored hashes within each query's radius, exactly (unless buckets were capped).
 
-        Every probe of every query goes into one pipeline, a bucket shared between queries is read once.
+        On a standalone Redis each query is one MGET written straight to a pooled connection (cheaper
+        than redis-py's command layer for a few hundred keys); otherwise see :meth:`queue_query`.
         """
+        if not self._direct_reads:
+            return roundtrip.run(self._client, self.queue_query, ns, queries)
         plans = [self._probe_keys(ns, phash, radius) for phash, radius in queries]
-        if self._direct_reads:  # standalone Redis: one MGET of each query's buckets
-            buckets = _mget_direct(self._client, plans)
-        else:  # Redis Cluster: buckets live on many nodes, one GET per key
-            slots: dict[bytes, int] = {}
-            plan_slots = [[slots.setdefault(key, len(slots)) for key in plan] for plan in plans]
-            replies = self._read_buckets(list(slots)) if slots else []
-            buckets = [[replies[i] for i in ids] for ids in plan_slots]
+        return self._results(queries, plans, _mget_direct(self._client, plans))
+
+    def queue_query(self, pipe, ns: str, queries: list[tuple[int, int]]) -> Finish:
+        """Queue the bucket reads of every query: one MGET per query on a standalone Redis; on a
+        cluster one GET per distinct bucket (MGET would span slots), grouped per node by the client."""
+        plans = [self._probe_keys(ns, phash, radius) for phash, radius in queries]
+        if self._direct_reads:
+            live = [plan for plan in plans if plan]
+            for plan in live:
+                pipe.execute_command("MGET", *plan)
+
+            def finish(replies: list) -> list[QueryResult]:
+                got = iter(replies)
+                return self._results(queries, plans, [next(got) if plan else [] for plan in plans])
+            return finish
+        slots: dict[bytes, int] = {}
+        plan_slots = [[slots.setdefault(key, len(slots)) for key in plan] for plan in plans]
+        for key in slots:
+            pipe.get(key)
+
+        def finish_each(replies: list) -> list[QueryResult]:
+            return self._results(queries, plans, [[replies[i] for i in ids] for ids in plan_slots])
+        return finish_each
+
+    def _results(self, queries, plans, buckets) -> list[QueryResult]:
         results = []
         for (phash, radius), plan, found in zip(queries, plans, buckets):
             result = _verify(phash, radius, found, len(plan))
@@ -208,13 +240,6 @@ class PHashIndex:
             values = (row[table] ^ probe_masks(self.width, table_radius)).tolist()
             keys.extend([head + h + tail for h in _hex_bytes(values, self.width)])
         return keys
-
-    def _read_buckets(self, keys: list[bytes]) -> list:
-        """GET of every key, in order, in one pipeline (the cluster client groups them per node)."""
-        pipe = self._client.pipeline(transaction=False)
-        for key in keys:
-            pipe.get(key)
-        return pipe.execute()
 
     # --- introspection -------------------------------------------------------------------------
 

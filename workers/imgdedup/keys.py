@@ -39,7 +39,7 @@ RECORD_FIELDS = (
     "sha256",  # hex digest of the image bytes
     "phash",  # 16 hex digits
     "low_detail",  # "1" if the image skipped pHash matching
-    "mih",  # comma-separated bucket hex substrings written, one per table ("" if none)
+    "mih",  # bucket hex substring per table, comma-separated, named before writing ("" if none)
     "vectors",  # comma-separated "embedder/shard" vector entries written
     "canonical",  # image_id of the canonical original ("" until decided; own id if unique)
     "decision",  # JSON of the decided verdict (verdict, duplicate_of, matches; empty ones left out) for replays

@@ -56,7 +56,9 @@ MIH_CANDIDATES = Histogram(
 MIH_CAPPED = Counter("imgdedup_mih_capped_buckets", "Hash-bucket writes refused because the bucket was full.")
 LOW_DETAIL = Counter("imgdedup_low_detail_images", "Images too plain for pHash matching (skipped that signal).")
 VECTOR_QUERY_SECONDS = Histogram(
-    "imgdedup_vector_query_seconds", "Vector index query time per batch, by embedder.", ["embedder"],
+    "imgdedup_vector_query_seconds",
+    "Round trip that carried a batch's vector queries (shared with its SHA-256 and pHash lookups), by embedder.",
+    ["embedder"],
     buckets=_STAGE_BUCKETS,
 )
 CONSUMER_LAG = Gauge(

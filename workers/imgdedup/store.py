@@ -10,6 +10,8 @@ may not see Y, but Y's sequence is higher, so X stays unique. Exactly one of the
 sequence been taken before the writes, X (lower number, slow writes) and Y (quick) could both miss each
 other. A redelivered event commits to the same sequence number (the script returns the existing one),
 so a replay decides the same way; its stored decision is returned without even fetching the image.
+On a standalone Redis the writes and the commit share one pipeline: one connection's commands run in
+order, so the commit still follows the writes (see ``_write_and_commit``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from imgdedup import metrics
+from imgdedup import metrics, roundtrip
 from imgdedup.config import Settings
 from imgdedup.hashindex import PHashIndex
 from imgdedup.keys import Keys
 from imgdedup.lua import queue_eval
 from imgdedup.policy import Candidate, Decision, Evidence, decide
+from imgdedup.roundtrip import Finish, RoundTrip
 
 # KEYS[1] = the namespace's sequence counter, KEYS[2] = its order hash; both carry the {ns} hash tag,
 # so this touches one cluster slot. Returns the image's sequence number, giving one only once.
@@ -67,6 +70,8 @@ class IndexStore:
         self.phash = PHashIndex(client, self.keys, settings.mih_tables, settings.mih_bucket_cap_bytes)
         self.vectors = vector_index
         self._thresholds = {"sscd": settings.sscd_threshold, "clip": settings.clip_threshold}
+        #: One connection runs a pipeline in order on a standalone Redis (not across cluster nodes).
+        self._ordered = isinstance(client, redis.Redis)
 
     # --- reading -------------------------------------------------------------------------------
     def records(self, items: list[tuple[str, str]]) -> list[dict[str, str] | None]:
@@ -92,8 +97,7 @@ class IndexStore:
         if replaced:  # a new picture under an old id is a new image: drop every trace of the old one
             self._remove(replaced)
         with metrics.STAGE_SECONDS.labels("index_write").time():
-            written = self._write(images)
-            seqs = self._commit_all(images, written)
+            seqs = self._write_and_commit(images)
         with metrics.STAGE_SECONDS.labels("index_query").time():
             candidates = self._query(images)
             self._resolve(images, candidates)
@@ -105,72 +109,96 @@ class IndexStore:
         self._save_decisions(images, out)
         return out
 
-    def _write(self, images: list[ImageFeatures]) -> list[dict[str, str]]:
-        """Write every index; returns, per image, the record fields that say what was written where."""
+    def _write_and_commit(self, images: list[ImageFeatures]) -> list[int]:
+        """Write the record and every index, then commit; returns the sequence numbers.
+
+        The record names every bucket and vector entry before they are written, so a crash between
+        the two leaves nothing a delete cannot find (cutting an entry that is not there is a no-op).
+        On a standalone Redis one connection runs a pipeline in order, so the commit shares the round
+        trip of the writes; a cluster spreads the writes over nodes, so it waits for their replies.
+        """
+        trip = RoundTrip(self.client)
+        trip.add(self._queue_records, images)
+        for ns, idx in _by_namespace(images).items():
+            hashed = [i for i in idx if not images[i].low_detail]
+            trip.add(self.phash.queue_add, ns, [(images[i].image_id, images[i].phash) for i in hashed])
+            for name in self._embedders(images, idx):
+                trip.add(self.vectors.queue_add, ns, name,
+                         [(images[i].image_id, images[i].vectors[name]) for i in idx if name in images[i].vectors])
+        if self._ordered:
+            commit = trip.add(self._queue_commit, images)
+            return trip.execute()[commit]
+        trip.execute()
+        return roundtrip.run(self.client, self._queue_commit, images)
+
+    def _queue_records(self, pipe, images: list[ImageFeatures]) -> Finish:
         now = str(int(time.time()))
-        pipe = self.client.pipeline(transaction=False)
         for img in images:
             key = self.keys.record(img.namespace, img.image_id)
-            pipe.hset(key, mapping={"event_id": img.event_id, "sha256": img.sha256,
-                                    "phash": f"{img.phash:016x}", "low_detail": int(img.low_detail)})
+            pipe.hset(key, mapping={"event_id": img.event_id, "sha256": img.sha256, "phash": f"{img.phash:016x}",
+                                    "low_detail": int(img.low_detail), **self._locations(img)})
             pipe.hsetnx(key, "indexed_at", now)
             pipe.sadd(self.keys.sha(img.namespace, img.sha256), img.image_id)
         for ns in {img.namespace for img in images}:
             pipe.sadd(self.keys.namespaces(), ns)
-        pipe.execute()
+        return lambda replies: None
 
-        written: dict[int, dict[str, str]] = defaultdict(dict)
-        for ns, idx in _by_namespace(images).items():
-            hashed = [i for i in idx if not images[i].low_detail]
-            results = self.phash.add(ns, [(images[i].image_id, images[i].phash) for i in hashed]) if hashed else []
-            for i, result in zip(hashed, results):
-                written[i]["mih"] = ",".join(result.substrings)
-            for name in self._embedders(images, idx):
-                have = [i for i in idx if name in images[i].vectors]
-                locators = self.vectors.add(ns, name, [(images[i].image_id, images[i].vectors[name]) for i in have])
-                for i, loc in zip(have, locators):
-                    written[i]["vectors"] = ",".join(filter(None, [written[i].get("vectors", ""), loc]))
-        return [{"mih": "", "vectors": ""} | written.get(i, {}) for i in range(len(images))]
+    def _locations(self, img: ImageFeatures) -> dict[str, str]:
+        """The record's ``mih`` and ``vectors`` fields: where the image's index entries go."""
+        mih = "" if img.low_detail else ",".join(self.phash.substrings(img.phash))
+        vectors = "" if self.vectors is None else ",".join(self.vectors.locator(name, img.image_id)
+                                                           for name in sorted(img.vectors))
+        return {"mih": mih, "vectors": vectors}
 
-    def _commit_all(self, images: list[ImageFeatures], written: list[dict[str, str]]) -> list[int]:
-        """Record what was written, then commit: the index writes were acknowledged before this runs."""
-        pipe = self.client.pipeline(transaction=False)
-        for img, fields in zip(images, written):
-            pipe.hset(self.keys.record(img.namespace, img.image_id), mapping=fields)
+    def _queue_commit(self, pipe, images: list[ImageFeatures]) -> Finish:
+        for img in images:
             queue_eval(pipe, _COMMIT_LUA, [self.keys.seq(img.namespace), self.keys.order(img.namespace)],
                        [img.image_id])
-        return [int(s) for s in pipe.execute()[1::2]]
+        return lambda replies: [int(s) for s in replies]
 
     def _query(self, images: list[ImageFeatures]) -> list[dict[str, Candidate]]:
+        """SHA-256, pHash and vector lookups of the whole batch in one round trip."""
+        trip = RoundTrip(self.client)
+        sha = trip.add(self._queue_sha_lookups, images)
+        phash_parts, vector_parts = [], []
+        for ns, idx in _by_namespace(images).items():
+            hashed = [i for i in idx if not images[i].low_detail]
+            queries = [(images[i].phash, self.settings.phash_radius) for i in hashed]
+            phash_parts.append((hashed, trip.add(self.phash.queue_query, ns, queries)))
+            for name in self._embedders(images, idx):
+                have = [i for i in idx if name in images[i].vectors]
+                matrix = np.stack([images[i].vectors[name] for i in have])
+                part = trip.add(self.vectors.queue_query, ns, name, matrix, self.settings.vector_candidates + 1)
+                vector_parts.append((name, have, part))
+        started = time.perf_counter()
+        results = trip.execute()
+        for name in {name for name, _, _ in vector_parts}:
+            metrics.VECTOR_QUERY_SECONDS.labels(name).observe(time.perf_counter() - started)
+
         found: list[dict[str, Candidate]] = [{} for _ in images]
 
         def add(i: int, evidence: Evidence) -> None:
             if evidence.image_id != images[i].image_id:
                 found[i].setdefault(evidence.image_id, Candidate(evidence.image_id, None, None)).evidence.append(evidence)
 
-        pipe = self.client.pipeline(transaction=False)
-        for img in images:
-            pipe.smembers(self.keys.sha(img.namespace, img.sha256))
-        for i, members in enumerate(pipe.execute()):
+        for i, members in enumerate(results[sha]):
             for member in sorted(members):
                 add(i, Evidence(member.decode(), "sha256"))
-
-        for ns, idx in _by_namespace(images).items():
-            hashed = [i for i in idx if not images[i].low_detail]
-            results = self.phash.query(ns, [(images[i].phash, self.settings.phash_radius) for i in hashed]) if hashed else []
-            for i, result in zip(hashed, results):
+        for hashed, part in phash_parts:
+            for i, result in zip(hashed, results[part]):
                 for image_id, distance in result.matches:
                     add(i, Evidence(image_id, "phash", distance=int(distance)))
-            for name in self._embedders(images, idx):
-                have = [i for i in idx if name in images[i].vectors]
-                with metrics.VECTOR_QUERY_SECONDS.labels(name).time():
-                    hits = self.vectors.query(ns, name, np.stack([images[i].vectors[name] for i in have]),
-                                              self.settings.vector_candidates + 1)
-                for i, neighbours in zip(have, hits):
-                    for image_id, similarity in neighbours:
-                        if similarity >= self._thresholds.get(name, 1.0):
-                            add(i, Evidence(image_id, name, similarity=float(similarity)))
+        for name, have, part in vector_parts:
+            for i, neighbours in zip(have, results[part]):
+                for image_id, similarity in neighbours:
+                    if similarity >= self._thresholds.get(name, 1.0):
+                        add(i, Evidence(image_id, name, similarity=float(similarity)))
         return found
+
+    def _queue_sha_lookups(self, pipe, images: list[ImageFeatures]) -> Finish:
+        for img in images:
+            pipe.smembers(self.keys.sha(img.namespace, img.sha256))
+        return lambda replies: replies
 
     def _resolve(self, images: list[ImageFeatures], candidates: list[dict[str, Candidate]]) -> None:
         """Fill in each candidate's sequence number (None if uncommitted) and canonical original."""

@@ -13,6 +13,7 @@ import random
 import tempfile
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +236,7 @@ def _vadd_rate(address: str, vectors: np.ndarray, connections: int, options: tup
     warm = len(vectors) // 10
     add(0, warm)
     bounds = np.linspace(warm, len(vectors), connections + 1).astype(int)
-    threads = [threading.Thread(target=add, args=(int(a), int(b))) for a, b in zip(bounds, bounds[1:])]
+    threads = [threading.Thread(target=add, args=(int(a), int(b))) for a, b in pairwise(bounds)]
     start = time.perf_counter()
     for t in threads:
         t.start()

@@ -12,20 +12,41 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from imgdedup import roundtrip
+from imgdedup.roundtrip import Finish
+
 #: One query's answer: (image_id, cosine similarity), best first.
 Neighbours = list[tuple[str, float]]
 
 
 class VectorIndex(ABC):
-    """Nearest-neighbour search over one (namespace, embedder) vector collection at a time."""
+    """Nearest-neighbour search over one (namespace, embedder) vector collection at a time.
 
-    @abstractmethod
+    Backends implement the ``queue_*`` forms (commands queued on a caller's pipeline, see
+    :mod:`imgdedup.roundtrip`), so the index store can share round trips with its other writes and reads.
+    """
+
+    client: object
+
     def add(self, ns: str, embedder: str, items: list[tuple[str, np.ndarray]]) -> list[str]:
         """Write (image_id, vector) pairs; re-adding an id replaces its vector. Returns one locator per item."""
+        return roundtrip.run(self.client, self.queue_add, ns, embedder, items)
 
-    @abstractmethod
     def query(self, ns: str, embedder: str, vectors: np.ndarray, k: int) -> list[Neighbours]:
         """The k nearest stored vectors of each row of `vectors` (self included if stored)."""
+        return roundtrip.run(self.client, self.queue_query, ns, embedder, vectors, k)
+
+    @abstractmethod
+    def locator(self, embedder: str, image_id: str) -> str:
+        """What :meth:`add` returns for this image: the image record keeps it for :meth:`remove`."""
+
+    @abstractmethod
+    def queue_add(self, pipe, ns: str, embedder: str, items: list[tuple[str, np.ndarray]]) -> Finish:
+        """:meth:`add`, queued on ``pipe``."""
+
+    @abstractmethod
+    def queue_query(self, pipe, ns: str, embedder: str, vectors: np.ndarray, k: int) -> Finish:
+        """:meth:`query`, queued on ``pipe``."""
 
     @abstractmethod
     def remove(self, ns: str, embedder: str, items: list[tuple[str, str]]) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import redis
 
 from imgdedup.keys import Keys
+from imgdedup.roundtrip import Finish
 from imgdedup.vectorindex.base import Neighbours, VectorIndex, as_matrix, fp32_blob, text
 
 #: Hash field holding the FP32 vector.
@@ -41,29 +42,27 @@ class RediSearchIndex(VectorIndex):
                 raise
         self._ready.add((ns, embedder))
 
-    def add(self, ns: str, embedder: str, items: list[tuple[str, np.ndarray]]) -> list[str]:
-        if not items:
-            return []
-        self.ensure_index(ns, embedder, int(np.asarray(items[0][1]).shape[-1]))
-        pipe = self.client.pipeline(transaction=False)
+    def locator(self, embedder: str, image_id: str) -> str:
+        return f"{embedder}/{LOCATOR_SUFFIX}"
+
+    def queue_add(self, pipe, ns: str, embedder: str, items: list[tuple[str, np.ndarray]]) -> Finish:
+        if items:
+            self.ensure_index(ns, embedder, int(np.asarray(items[0][1]).shape[-1]))
         for image_id, vector in items:
             pipe.hset(self.keys.vector_doc(ns, embedder, image_id), FIELD, fp32_blob(vector))
-        pipe.execute()
-        return [f"{embedder}/{LOCATOR_SUFFIX}"] * len(items)
+        return lambda replies: [self.locator(embedder, image_id) for image_id, _ in items]
 
-    def query(self, ns: str, embedder: str, vectors: np.ndarray, k: int) -> list[Neighbours]:
+    def queue_query(self, pipe, ns: str, embedder: str, vectors: np.ndarray, k: int) -> Finish:
         matrix = as_matrix(vectors)
-        if len(matrix) == 0:
-            return []
-        self.ensure_index(ns, embedder, matrix.shape[1])
+        if len(matrix):
+            self.ensure_index(ns, embedder, matrix.shape[1])
         index = self.keys.search_index(ns, embedder)
         knn = f"*=>[KNN {k} @{FIELD} $v EF_RUNTIME {max(self.ef_runtime, k)} AS dist]"
-        pipe = self.client.pipeline(transaction=False)
         for row in matrix:
             pipe.execute_command("FT.SEARCH", index, knn, "PARAMS", 2, "v", fp32_blob(row), "SORTBY", "dist",
                                  "RETURN", 1, "dist", "LIMIT", 0, k, "DIALECT", 2)
         prefix = self.keys.vector_doc_prefix(ns, embedder)
-        return [_neighbours(reply, prefix) for reply in pipe.execute()]
+        return lambda replies: [_neighbours(reply, prefix) for reply in replies]
 
     def remove(self, ns: str, embedder: str, items: list[tuple[str, str]]) -> None:
         if not items:

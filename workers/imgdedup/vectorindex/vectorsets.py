@@ -18,6 +18,7 @@ import zlib
 import numpy as np
 
 from imgdedup.keys import Keys
+from imgdedup.roundtrip import Finish
 from imgdedup.vectorindex.base import Neighbours, VectorIndex, as_matrix, fp32_blob, text
 
 #: Flags fixed when a vector set is created: every VADD must send the same ones, or Redis
@@ -58,35 +59,33 @@ class VectorSetIndex(VectorIndex):
         self.client, self.keys, self.shards = client, keys, shards
         self.creation_flags, self.ef = creation_flags, ef
 
-    def add(self, ns: str, embedder: str, items: list[tuple[str, np.ndarray]]) -> list[str]:
-        locators = []
-        pipe = self.client.pipeline(transaction=False)
+    def locator(self, embedder: str, image_id: str) -> str:
+        return f"{embedder}/{shard_of(image_id, self.shards)}"
+
+    def queue_add(self, pipe, ns: str, embedder: str, items: list[tuple[str, np.ndarray]]) -> Finish:
         for image_id, vector in items:
             shard = shard_of(image_id, self.shards)
             pipe.execute_command("VADD", self.keys.vectorset(ns, embedder, shard), "FP32", fp32_blob(vector),
                                  image_id, *VADD_OPTIONS, *self.creation_flags)
-            locators.append(f"{embedder}/{shard}")
-        if items:
-            pipe.execute()
-        return locators
+        return lambda replies: [self.locator(embedder, image_id) for image_id, _ in items]
 
-    def query(self, ns: str, embedder: str, vectors: np.ndarray, k: int) -> list[Neighbours]:
+    def queue_query(self, pipe, ns: str, embedder: str, vectors: np.ndarray, k: int) -> Finish:
         matrix = as_matrix(vectors)
-        if len(matrix) == 0:
-            return []
-        pipe = self.client.pipeline(transaction=False)
         for row in matrix:
             blob = fp32_blob(row)
             for shard in range(self.shards):
                 pipe.execute_command("VSIM", self.keys.vectorset(ns, embedder, shard), "FP32", blob,
                                      "WITHSCORES", "COUNT", k, "EF", max(self.ef, k))
-        replies = pipe.execute()
-        out = []
-        for q in range(len(matrix)):
-            merged = [pair for reply in replies[q * self.shards:(q + 1) * self.shards] for pair in _pairs(reply)]
-            merged.sort(key=lambda pair: pair[1], reverse=True)
-            out.append([(image_id, score_to_cosine(score)) for image_id, score in merged[:k]])
-        return out
+
+        def finish(replies: list) -> list[Neighbours]:
+            out = []
+            for q in range(len(matrix)):
+                merged = [pair for reply in replies[q * self.shards:(q + 1) * self.shards] for pair in _pairs(reply)]
+                merged.sort(key=lambda pair: pair[1], reverse=True)
+                out.append([(image_id, score_to_cosine(score)) for image_id, score in merged[:k]])
+            return out
+
+        return finish
 
     def remove(self, ns: str, embedder: str, items: list[tuple[str, str]]) -> None:
         pipe = self.client.pipeline(transaction=False)
