@@ -44,7 +44,7 @@ _HEX_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
 # KEYS[1] = a bucket, ARGV[1] = the entry (ends with a newline), ARGV[2] = the cap in bytes.
 # Returns 1 if appended, 0 if it was there already, -1 if it would take the bucket over the cap.
 # The cap is in bytes because a string's length is known at once while counting entries means
-# scanning it (~1 ms per add at 200 KB); bytes are also what a query pays for. SET of the whole value
+# scanning it on every add; bytes are also what a query pays for. SET of the whole value
 # rather than APPEND, which would over-allocate the string for growth (up to twice its size).
 _APPEND_LUA = """
 local blob = redis.call('GET', KEYS[1]) or ''
@@ -74,7 +74,7 @@ return 1
 
 @dataclass(frozen=True)
 class AddResult:
-    """Which bucket each table got for one image: the record keeps it so a delete removes exactly that."""
+    """Which bucket each table got for one image ("" where a full bucket refused it)."""
 
     image_id: str
     substrings: list[str]  # hex substring per table; "" where the bucket was full (capped)
@@ -82,15 +82,6 @@ class AddResult:
     @property
     def capped(self) -> list[int]:
         return [t for t, s in enumerate(self.substrings) if not s]
-
-    def record_field(self) -> str:
-        """Value of the image record's ``mih`` field (see :data:`imgdedup.keys.RECORD_FIELDS`)."""
-        return ",".join(self.substrings)
-
-
-def parse_record_field(field: str) -> list[str]:
-    """Inverse of :meth:`AddResult.record_field` (an empty field: nothing was written)."""
-    return field.split(",") if field else []
 
 
 @dataclass(frozen=True)
