@@ -106,3 +106,12 @@ def test_index_store_decides_and_deletes_on_a_cluster(cluster):
     left = [k for n in cluster.get_primaries() for k in n.redis_connection.scan_iter(match=f"{settings.key_prefix}:*")]
     assert sorted(k.decode().split(":")[2] for k in left) == ["namespaces", "{shop}"]  # the counter only
     assert store.vectors.count("shop", "sscd") == 0
+
+
+def test_memory_is_summed_over_the_nodes(cluster):
+    """INFO on a cluster client answers per node; the worker's memory gauges read the sum."""
+    store = IndexStore(cluster, load_settings(key_prefix="c" + str(next(_namespaces)), metrics_port=0))
+    used, limit = store.memory()
+    per_node = [n.redis_connection.info("memory")["used_memory"] for n in cluster.get_primaries()]
+    assert len(per_node) == 3 and used >= 3 * min(per_node) > 0
+    assert limit == 0  # the test nodes have no maxmemory

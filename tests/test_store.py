@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from imgdedup.store import ImageFeatures, IndexStore
 
@@ -25,3 +26,8 @@ def test_record_names_every_bucket_and_delete_leaves_nothing_even_when_capped(re
     assert store.delete([("ns", img.image_id) for img in images]) == [True] * 40
     assert list(redis_client.scan_iter(match=f"{settings.key_prefix}:*:mih:*")) == []
     assert list(redis_client.scan_iter(match=f"{settings.key_prefix}:*:rec:*")) == []
+
+
+def test_memory_on_a_single_node(redis_client, make_settings):
+    used, limit = IndexStore(redis_client, make_settings()).memory()
+    assert used == pytest.approx(int(redis_client.info("memory")["used_memory"]), rel=0.5) and limit == 0

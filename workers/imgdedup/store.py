@@ -70,8 +70,8 @@ class IndexStore:
         self.phash = PHashIndex(client, self.keys, settings.mih_tables, settings.mih_bucket_cap_bytes)
         self.vectors = vector_index
         self._thresholds = {"sscd": settings.sscd_threshold, "clip": settings.clip_threshold}
-        #: One connection runs a pipeline in order on a standalone Redis (not across cluster nodes).
-        self._ordered = isinstance(client, redis.Redis)
+        #: Standalone Redis (not a cluster): one connection runs a whole pipeline, in order.
+        self._standalone = isinstance(client, redis.Redis)
 
     # --- reading -------------------------------------------------------------------------------
     def records(self, items: list[tuple[str, str]]) -> list[dict[str, str] | None]:
@@ -125,7 +125,7 @@ class IndexStore:
             for name in self._embedders(images, idx):
                 trip.add(self.vectors.queue_add, ns, name,
                          [(images[i].image_id, images[i].vectors[name]) for i in idx if name in images[i].vectors])
-        if self._ordered:
+        if self._standalone:
             commit = trip.add(self._queue_commit, images)
             return trip.execute()[commit]
         trip.execute()
@@ -265,6 +265,16 @@ class IndexStore:
                     self.vectors.remove(ns, name, entries)
 
     # --- sizes, for metrics --------------------------------------------------------------------
+    def memory(self) -> tuple[int, int]:
+        """(used_memory, maxmemory) in bytes, summed over a cluster's primaries (its client sends a plain
+        INFO to one node only); maxmemory 0 means no limit somewhere."""
+        if self._standalone:
+            nodes = [self.client.info("memory")]
+        else:
+            nodes = list(self.client.info("memory", target_nodes=redis.RedisCluster.PRIMARIES).values())
+        limits = [int(node.get("maxmemory", 0)) for node in nodes]
+        return sum(int(node.get("used_memory", 0)) for node in nodes), 0 if 0 in limits else sum(limits)
+
     def namespace_sizes(self) -> dict[str, int]:
         names = sorted(m.decode() for m in self.client.smembers(self.keys.namespaces()))
         pipe = self.client.pipeline(transaction=False)

@@ -323,9 +323,9 @@ class Worker:
         try:
             for ns, count in self.pipeline.store.namespace_sizes().items():
                 metrics.INDEX_IMAGES.labels(metrics.namespace_label(ns)).set(count)
-            info = self.pipeline.client.info("memory")
-            metrics.REDIS_USED_MEMORY.set(info.get("used_memory", 0))
-            metrics.REDIS_MAX_MEMORY.set(info.get("maxmemory", 0))
+            used, limit = self.pipeline.store.memory()
+            metrics.REDIS_USED_MEMORY.set(used)
+            metrics.REDIS_MAX_MEMORY.set(limit)
             self.redis_ok = True
         except TRANSIENT_ERRORS as exc:
             self.redis_ok = False
