@@ -68,8 +68,8 @@ CONSUMER_LAG = Gauge(
 ASSIGNED_PARTITIONS = Gauge("imgdedup_assigned_partitions", "Input partitions assigned to this worker.")
 PAUSED_PARTITIONS = Gauge("imgdedup_paused_partitions", "Input partitions paused after repeated transient errors.")
 INDEX_IMAGES = Gauge("imgdedup_index_images", "Committed images in the index, by namespace.", ["namespace"])
-REDIS_USED_MEMORY = Gauge("imgdedup_redis_used_memory_bytes", "Redis used_memory as last reported by INFO.")
-REDIS_MAX_MEMORY = Gauge("imgdedup_redis_maxmemory_bytes", "Redis maxmemory (0 = no limit).")
+REDIS_USED_MEMORY = Gauge("imgdedup_redis_used_memory_bytes", "Redis used_memory as last reported by INFO (summed over a cluster's primaries).")
+REDIS_MAX_MEMORY = Gauge("imgdedup_redis_maxmemory_bytes", "Redis maxmemory (summed over a cluster's primaries; 0 = no limit on some node).")
 READY = Gauge("imgdedup_ready", "1 when connected to Kafka and Redis with partitions assigned.")
 BUILD_INFO = Gauge("imgdedup_build_info", "Version and feature versions of this worker.", ["version", "features"])
 
