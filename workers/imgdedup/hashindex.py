@@ -29,7 +29,7 @@ from imgdedup import metrics, roundtrip
 from imgdedup.keys import Keys
 from imgdedup.lua import queue_eval
 from imgdedup.mih import format_substring, hex_table, probe_count, probe_masks, split, table_radii, width_of
-from imgdedup.roundtrip import Finish
+from imgdedup.roundtrip import Finish, is_standalone
 
 _MAX_PHASH = (1 << 64) - 1
 _SENTINEL = "\x00substring\x00"
@@ -111,7 +111,7 @@ class PHashIndex:
         if _decodes_responses(client):
             raise ValueError("PHashIndex needs a client with decode_responses=False (members are binary)")
         if direct_reads is None:
-            direct_reads = isinstance(client, redis.Redis)
+            direct_reads = is_standalone(client)
         self._direct_reads = direct_reads
 
     # --- writes --------------------------------------------------------------------------------
@@ -155,19 +155,19 @@ class PHashIndex:
                     count += 1
         return sum(pipe.execute()) if count else 0
 
-    def substrings(self, phash: int) -> list[str]:
-        """The bucket (hex substring) of ``phash`` in each table: where :meth:`add` writes it."""
-        row = split(np.array([_check_phash(phash)], dtype=np.uint64), self.tables)[0]
-        return [format_substring(int(v), self.width) for v in row]
+    def substrings(self, phashes: list[int]) -> list[list[str]]:
+        """The bucket (hex substring) of each pHash in every table: where :meth:`add` writes it."""
+        if not phashes:
+            return []
+        rows = split(np.array([_check_phash(p) for p in phashes], dtype=np.uint64), self.tables).tolist()
+        return [[format_substring(v, self.width) for v in row] for row in rows]
 
     def _bucket_writes(self, ns: str, unique: list[tuple[str, int]]):
         """(key, entry, (item, table), hex) for every table of every item."""
-        subs = split(np.array([phash for _, phash in unique], dtype=np.uint64), self.tables).tolist()
         writes = []
-        for item, row in zip(unique, subs):
+        for item, row in zip(unique, self.substrings([phash for _, phash in unique])):
             entry = _entry(*item)
-            for table, value in enumerate(row):
-                hexstr = format_substring(value, self.width)
+            for table, hexstr in enumerate(row):
                 writes.append((self._key(ns, table, hexstr.encode()), entry, (item, table), hexstr))
         return writes
 

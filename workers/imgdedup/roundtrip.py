@@ -12,8 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
 #: What a ``queue_*`` method returns: its replies (in queueing order) -> its result.
 Finish = Callable[[list], Any]
+
+
+def is_standalone(client) -> bool:
+    """A plain Redis client, not a cluster one: one connection runs a whole pipeline, in order, and a
+    multi-key command may name keys of any slot."""
+    return isinstance(client, redis.Redis)
 
 
 class RoundTrip:

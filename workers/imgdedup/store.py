@@ -70,8 +70,7 @@ class IndexStore:
         self.phash = PHashIndex(client, self.keys, settings.mih_tables, settings.mih_bucket_cap_bytes)
         self.vectors = vector_index
         self._thresholds = {"sscd": settings.sscd_threshold, "clip": settings.clip_threshold}
-        #: Standalone Redis (not a cluster): one connection runs a whole pipeline, in order.
-        self._standalone = isinstance(client, redis.Redis)
+        self._standalone = roundtrip.is_standalone(client)
 
     # --- reading -------------------------------------------------------------------------------
     def records(self, items: list[tuple[str, str]]) -> list[dict[str, str] | None]:
@@ -133,19 +132,20 @@ class IndexStore:
 
     def _queue_records(self, pipe, images: list[ImageFeatures]) -> Finish:
         now = str(int(time.time()))
-        for img in images:
+        buckets = self.phash.substrings([img.phash for img in images])
+        for img, substrings in zip(images, buckets):
             key = self.keys.record(img.namespace, img.image_id)
             pipe.hset(key, mapping={"event_id": img.event_id, "sha256": img.sha256, "phash": f"{img.phash:016x}",
-                                    "low_detail": int(img.low_detail), **self._locations(img)})
+                                    "low_detail": int(img.low_detail), **self._locations(img, substrings)})
             pipe.hsetnx(key, "indexed_at", now)
             pipe.sadd(self.keys.sha(img.namespace, img.sha256), img.image_id)
         for ns in {img.namespace for img in images}:
             pipe.sadd(self.keys.namespaces(), ns)
         return lambda replies: None
 
-    def _locations(self, img: ImageFeatures) -> dict[str, str]:
+    def _locations(self, img: ImageFeatures, substrings: list[str]) -> dict[str, str]:
         """The record's ``mih`` and ``vectors`` fields: where the image's index entries go."""
-        mih = "" if img.low_detail else ",".join(self.phash.substrings(img.phash))
+        mih = "" if img.low_detail else ",".join(substrings)
         vectors = "" if self.vectors is None else ",".join(self.vectors.locator(name, img.image_id)
                                                            for name in sorted(img.vectors))
         return {"mih": mih, "vectors": vectors}
