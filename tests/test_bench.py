@@ -123,3 +123,17 @@ def test_arrival_order_mixes_transforms_and_is_repeatable(corpus_files, tmp_path
     kinds = [f.stem.partition("__")[2] for f in order]
     longest = max(len(list(run)) for _, run in itertools.groupby(kinds))
     assert longest < 6, f"a run of {longest} files of one transform arrives back to back"
+
+
+def test_vsim_recall_sweep_finds_the_exact_top1_and_reuses_its_fill(tmp_path, capsys):
+    from imgdedup.bench import vsim_recall
+
+    argv = ["--count", "3000", "--efs", "10,200", "--queries", "60", "--workdir", str(tmp_path / "redis")]
+    vsim_recall.main([*argv, "--out", str(tmp_path / "first.json")])
+    assert "0 already stored" in capsys.readouterr().out
+    vsim_recall.main([*argv, "--out", str(tmp_path / "second.json")])  # loads dump.rdb, adds nothing
+    assert "3,000 already stored" in capsys.readouterr().out
+    first, second = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("first", "second"))
+    assert [r["ef"] for r in first["rows"]] == [10, 200]
+    assert first["rows"][1]["recall_at_1"] == 1.0  # 3,000 vectors, EF 200: the graph search is exact here
+    assert [r["recall_at_1"] for r in second["rows"]] == [r["recall_at_1"] for r in first["rows"]]
