@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "config": ("imgdedup.cli_basic:config_command", "Print the effective configuration (secrets masked)."),
     "dev": ("imgdedup.cli_basic:dev_group", "Start, inspect or stop the embedded Kafka + Redis dev stack."),
     "publish": ("imgdedup.cli_basic:publish_command", "Publish one image event per image file."),
+    "backfill": ("imgdedup.cli_basic:backfill_command", "Publish an existing catalog (JSON Lines or CSV manifest)."),
     "verdicts": ("imgdedup.cli_basic:verdicts_command", "Print verdicts from the verdict topic."),
     "worker": ("imgdedup.worker:worker_command", "Run the deduplication worker."),
     "eval": ("imgdedup.evaluation.cli:eval_command", "Measure recall, false positives and thresholds."),

@@ -1,9 +1,10 @@
-"""Commands for people and tests: config, the embedded dev stack, publish and verdicts."""
+"""Commands for people and tests: config, the embedded dev stack, publish, backfill and verdicts."""
 
 from __future__ import annotations
 
 import json
 import mimetypes
+import time
 import uuid
 from pathlib import Path
 
@@ -117,6 +118,56 @@ def publish_command(ctx, paths, namespace: str, inline: bool, id_prefix: str | N
     with tqdm(total=len(events), desc="publish", unit="event", disable=None) as bar:
         produce_events(settings, events, on_progress=bar.update)
     click.echo(f"published {len(events)} events to {settings.input_topic} (image ids {prefix}*)", err=True)
+
+
+@click.command("backfill")
+@click.argument("manifest", type=click.File("r", encoding="utf-8"))
+@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "csv"]), default="auto", show_default=True,
+              help="Manifest format; auto: csv for *.csv, else JSON Lines.")
+@click.option("--namespace", default="default", show_default=True, help="Namespace of rows that name none.")
+@click.option("--skip", default=0, show_default=True, help="Rows to skip first (resume after that many rows).")
+@click.option("--rate", type=float, default=None, help="At most this many events per second.")
+@click.option("--rejects", type=click.File("w", encoding="utf-8"), default=None,
+              help="Write rejected rows here (JSON Lines with line and reason) to fix and publish again.")
+@click.pass_context
+def backfill_command(ctx, manifest, fmt: str, namespace: str, skip: int, rate: float | None, rejects) -> None:
+    """Publish an existing catalog (JSON Lines or CSV manifest; - for stdin) as image events.
+
+    Event ids derive from the rows, so publishing a manifest again is a redelivery. Rejected rows are
+    reported and skipped; the exit status is 1 if there were any. Publish to a topic of its own
+    (--input-topic) with its own worker group to keep a large backfill from delaying live uploads."""
+    from imgdedup import backfill
+    from imgdedup.kafka_io import produce_events
+
+    settings = settings_from(ctx)
+    if fmt == "auto":
+        fmt = "csv" if manifest.name.lower().endswith(".csv") else "jsonl"
+    rows = backfill.read_rows(manifest, fmt)
+    counts = {"rows": 0, "rejected": 0}
+
+    def accepted():
+        began = time.monotonic()
+        for n, item in enumerate(backfill.events(rows, namespace)):
+            if n < skip:
+                continue
+            counts["rows"] += 1
+            if isinstance(item, backfill.Rejected):
+                counts["rejected"] += 1
+                click.echo(f"line {item.line}: {item.reason}", err=True)
+                if rejects:
+                    rejects.write(json.dumps({"line": item.line, "reason": item.reason, "row": item.text}) + "\n")
+                continue
+            if rate:
+                time.sleep(max(0.0, began + (counts["rows"] - counts["rejected"]) / rate - time.monotonic()))
+            yield item
+
+    with tqdm(desc="backfill", unit="event", disable=None) as bar:
+        produce_events(settings, accepted(), on_progress=bar.update)
+    published = counts["rows"] - counts["rejected"]
+    click.echo(f"published {published} events to {settings.input_topic}; rejected {counts['rejected']} rows"
+               f" (after skipping {skip})", err=True)
+    if counts["rejected"]:
+        ctx.exit(1)
 
 
 @click.command("verdicts")

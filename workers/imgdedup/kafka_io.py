@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
 
@@ -46,8 +46,9 @@ def consumer_config(settings: Settings, group: str | None = None, **extra) -> di
     }
 
 
-def produce_events(settings: Settings, events: list[dict], on_progress=None) -> None:
-    """Publish image-event documents to the input topic, keyed namespace/image_id; raises on a failed delivery."""
+def produce_events(settings: Settings, events: Iterable[dict], on_progress=None) -> None:
+    """Publish image-event documents (any iterable: a generator streams) to the input topic, keyed
+    namespace/image_id; raises on a failed delivery."""
     producer = Producer(producer_config(settings))
     failures: list[str] = []
 
