@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from imgdedup import fetch
 from imgdedup.config import load_settings
 from imgdedup.errors import DeadLetterError, ErrorCode
 from imgdedup.fetch import Fetcher, fetch_bytes, forbidden_reason
@@ -346,6 +347,17 @@ def test_dotdot_and_symlink_escapes_are_refused(roots):
     assert code_of(s, {"uri": (root / "link.jpg").as_uri()}) is ErrorCode.URI_NOT_ALLOWED
     assert code_of(s, {"uri": f"file://{root}/dirlink/secret.jpg"}) is ErrorCode.URI_NOT_ALLOWED
     assert code_of(s, {"uri": "file:///etc/passwd"}) is ErrorCode.URI_NOT_ALLOWED
+
+
+def test_a_directory_swapped_for_a_symlink_after_the_check_is_refused(roots):
+    """The state a swap between the root check and the open leaves: the checked path now runs
+    through a symlink to outside. The descriptor's real path is checked after opening."""
+    root, outside = roots
+    os.symlink(outside, root / "swapped")
+    with pytest.raises(DeadLetterError) as caught:
+        fetch._read_regular_file(root / "swapped" / "secret.jpg", 1024, [root.resolve()])
+    assert caught.value.code is ErrorCode.URI_NOT_ALLOWED
+    assert fetch._read_regular_file(root / "in.jpg", 1024, [root.resolve()]) == b"inside"
 
 
 def test_file_edge_cases(roots):

@@ -237,7 +237,7 @@ class Fetcher:
         resolved = path.resolve()  # follows symlinks and '..' before the root check
         if not any(resolved.is_relative_to(root) for root in self.roots):
             raise DeadLetterError(ErrorCode.URI_NOT_ALLOWED, f"{path} is outside file_roots")
-        return _read_regular_file(resolved, self.settings.max_image_bytes)
+        return _read_regular_file(resolved, self.settings.max_image_bytes, self.roots)
 
     def _http(self, uri: str) -> bytes:
         deadline = time.monotonic() + self.settings.fetch_timeout_s
@@ -346,8 +346,12 @@ def _file_path(uri: str) -> Path:
     return Path(path)
 
 
-def _read_regular_file(path: Path, limit: int) -> bytes:
-    """Read a regular file of at most ``limit`` bytes. O_NONBLOCK: a FIFO swapped in cannot hang us."""
+def _read_regular_file(path: Path, limit: int, roots: list[Path]) -> bytes:
+    """Read a regular file of at most ``limit`` bytes that is, once open, still under one of ``roots``.
+
+    The caller checked the resolved path, but a directory on it can be swapped for a symlink before
+    the open (O_NOFOLLOW guards only the last component); where /proc exists, the kernel's name for
+    the open descriptor is checked again. O_NONBLOCK: a FIFO swapped in cannot hang us."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
@@ -355,6 +359,9 @@ def _read_regular_file(path: Path, limit: int) -> bytes:
     except OSError as exc:
         raise DeadLetterError(ErrorCode.FETCH_FAILED, f"cannot open {path}: {exc.strerror}") from None
     try:
+        opened = _opened_path(fd)
+        if opened is not None and not any(opened.is_relative_to(root) for root in roots):
+            raise DeadLetterError(ErrorCode.URI_NOT_ALLOWED, f"{path} led outside file_roots when opened")
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise DeadLetterError(ErrorCode.URI_NOT_ALLOWED, f"not a regular file: {path}")
@@ -369,3 +376,11 @@ def _read_regular_file(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise DeadLetterError(ErrorCode.TOO_LARGE, f"{path} grew past {limit} bytes while read")
     return data
+
+
+def _opened_path(fd: int) -> Path | None:
+    """The path the kernel gives an open descriptor (Linux /proc), or None where there is no /proc."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
