@@ -56,6 +56,23 @@ def test_backend_matches_setting(index, backend):
     assert type(index).__name__ == {"vectorset": "VectorSetIndex", "redisearch": "RediSearchIndex"}[backend]
 
 
+def test_queries_use_the_configured_exploration_factor(backend, make_settings, redis_client):
+    settings = make_settings(vector_backend=backend, vector_query_ef=321)
+    index = build_vector_index(redis_client, Keys(settings.key_prefix), settings)
+    sent = []
+
+    class Recorder:  # stands in for the pipeline: keeps the commands instead of sending them
+        def execute_command(self, *args):
+            sent.append(args)
+
+    index.queue_query(Recorder(), "ns", "sscd", unit(np.random.default_rng(3), 1), k=5)
+    (command,) = sent
+    if backend == "vectorset":
+        assert command[command.index("EF") + 1] == 321
+    else:
+        assert "EF_RUNTIME 321 " in command[2]
+
+
 def test_exact_top_k_and_scores_match_numpy(index):
     rng = np.random.default_rng(1)
     stored, queries = unit(rng, 300), unit(rng, 20)

@@ -114,6 +114,10 @@ class Settings(BaseSettings):
         "1 on a single Redis node; about the node count on a Redis Cluster."
     )
     vector_candidates: int = Field(10, ge=1, le=1000, description="Neighbours asked of the vector index per query.")
+    vector_query_ef: int = Field(
+        200, ge=1, le=100_000, description="HNSW exploration factor of each vector query (VSIM EF, RediSearch "
+        "EF_RUNTIME): larger finds the true nearest neighbour more often in big shards, at more latency."
+    )
 
     # --- Serving -----------------------------------------------------------------------------
     metrics_port: int = Field(9464, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz (0 = off).")

@@ -13,9 +13,9 @@ def build_vector_index(client, keys: Keys, settings) -> VectorIndex:
     if settings.vector_backend == "vectorset":
         from imgdedup.vectorindex.vectorsets import VectorSetIndex
 
-        return VectorSetIndex(client, keys, settings.vector_shards)
+        return VectorSetIndex(client, keys, settings.vector_shards, ef=settings.vector_query_ef)
     if settings.vector_backend == "redisearch":
         from imgdedup.vectorindex.redisearch import RediSearchIndex
 
-        return RediSearchIndex(client, keys)
+        return RediSearchIndex(client, keys, ef_runtime=settings.vector_query_ef)
     raise ValueError(f"unknown vector_backend {settings.vector_backend!r}")

@@ -10,14 +10,15 @@ from __future__ import annotations
 import numpy as np
 import redis
 
+from imgdedup.config import Settings
 from imgdedup.keys import Keys
 from imgdedup.roundtrip import Finish
 from imgdedup.vectorindex.base import Neighbours, VectorIndex, as_matrix, fp32_blob, text
 
 #: Hash field holding the FP32 vector.
 FIELD = "vec"
-#: HNSW search exploration factor per query (recall vs latency).
-EF_RUNTIME = 200
+#: HNSW search exploration factor per query (recall vs latency); the worker passes its setting.
+EF_RUNTIME = Settings.model_fields["vector_query_ef"].default
 #: Locator suffix: a document's key follows from (ns, embedder, image_id) alone.
 LOCATOR_SUFFIX = "ft"
 

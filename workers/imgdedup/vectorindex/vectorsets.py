@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 
+from imgdedup.config import Settings
 from imgdedup.keys import Keys
 from imgdedup.roundtrip import Finish
 from imgdedup.vectorindex.base import Neighbours, VectorIndex, as_matrix, fp32_blob, text
@@ -30,8 +31,9 @@ CREATION_FLAGS = ("Q8", "M", 16)
 #: Measured on 2 cores from 5k to 25k vectors: 3 connections with CAS 1,060 VADD/s, 1 connection
 #: 630-643/s with or without it, 4 connections without it 517/s.
 VADD_OPTIONS = ("CAS",)
-#: Search exploration factor of VSIM: higher finds true neighbours more often, costs latency.
-QUERY_EF = 200
+#: Search exploration factor of VSIM: higher finds true neighbours more often, costs latency; the
+#: worker passes its setting (``vector_query_ef``).
+QUERY_EF = Settings.model_fields["vector_query_ef"].default
 
 
 def shard_of(image_id: str, shards: int) -> int:
