@@ -63,8 +63,8 @@ def make_settings(redis_server, key_prefix, tmp_path):
     """Settings pointing at the test Redis with this test's key prefix (Kafka added by `kafka_settings`)."""
 
     def make(**overrides) -> Settings:
-        base = dict(redis_url=redis_server.address, key_prefix=key_prefix, file_roots=[str(tmp_path)],
-                    metrics_port=0)
+        base = {"redis_url": redis_server.address, "key_prefix": key_prefix, "file_roots": [str(tmp_path)],
+                    "metrics_port": 0}
         base.update(overrides)
         return load_settings(**base)
 

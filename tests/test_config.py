@@ -33,19 +33,20 @@ def test_invalid_settings_name_the_setting(overrides, names):
 
 def test_config_command_masks_secrets_and_fails_clearly():
     env = {"IMGDEDUP_REDIS_URL": "redis://user:hunter2@cache:6379/0", "PATH": ""}
-    out = subprocess.run([sys.executable, "-m", "imgdedup", "config"], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "imgdedup", "config"], env=env, capture_output=True, text=True,
+                         check=False)
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
     assert "hunter2" not in out.stdout and shown["redis_url"] == "redis://user:***@cache:6379/0"
     bad = subprocess.run([sys.executable, "-m", "imgdedup", "--set", "batch_size=-1", "config"],
-                         env={"PATH": ""}, capture_output=True, text=True)
+                         env={"PATH": ""}, capture_output=True, text=True, check=False)
     assert bad.returncode != 0 and "batch_size" in bad.stderr and "IMGDEDUP_BATCH_SIZE" in bad.stderr
 
 
 def test_cli_overrides_of_list_and_dict_settings_take_json():
     run = [sys.executable, "-m", "imgdedup", "--set", 'kafka_extra={"security.protocol": "SSL"}',
            "--set", 'file_roots=["/srv/images"]', "config"]
-    out = subprocess.run(run, env={"PATH": ""}, capture_output=True, text=True)
+    out = subprocess.run(run, env={"PATH": ""}, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
     assert shown["kafka_extra"] == {"security.protocol": "SSL"} and shown["file_roots"] == ["/srv/images"]

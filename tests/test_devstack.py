@@ -14,7 +14,7 @@ def cli(state_dir, *args, env_extra=None):
     env = {**os.environ, "IMGDEDUP_DEV_KAFKA_PORT": str(env_extra["kafka"]),
            "IMGDEDUP_DEV_REDIS_PORT": str(env_extra["redis"]), "IMGDEDUP_PARTITIONS": "2"}
     return subprocess.run([sys.executable, "-m", "imgdedup", "dev", *args, "--state-dir", str(state_dir)],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, check=False, timeout=120)
 
 
 def test_up_status_down(tmp_path):

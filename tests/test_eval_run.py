@@ -64,8 +64,9 @@ def test_eval_on_a_small_subset_writes_every_report(make_settings, small_bases, 
     assert thumbs and all(f'thumbs/{t.name}' in text for t in thumbs)
     # the run cleaned its namespace up again
     ns = run.verdicts[0]["namespace"]
-    from imgdedup.keys import Keys
     import redis as _redis
+
+    from imgdedup.keys import Keys
     client = _redis.Redis.from_url(settings.redis_url.get_secret_value())
     assert client.hlen(Keys(settings.key_prefix).order(ns)) == 0
 

@@ -70,7 +70,7 @@ def test_benign_variants_point_to_their_base(pipeline, corpus_bytes):
 
 
 def test_redelivery_gives_the_same_verdict(pipeline, corpus_bytes):
-    base, copy = list(corpus_bytes)[:2]
+    base, _copy = list(corpus_bytes)[:2]
     pipeline.process_events([event(base, corpus_bytes[base])])
     ev = event("copy", variant(corpus_bytes[base], "jpeg_q75"))
     first = pipeline.process_events([ev])[0]
@@ -94,7 +94,7 @@ def test_delete_removes_every_trace(pipeline, corpus_bytes, redis_client, key_pr
 
 
 def test_new_bytes_under_an_old_id_replace_the_old_image(pipeline, corpus_bytes):
-    (a, da), (b, db) = list(corpus_bytes.items())[:2]
+    (_a, da), (_b, db) = list(corpus_bytes.items())[:2]
     pipeline.process_events([event("photo", da)])
     assert pipeline.process_events([event("photo", db)])[0]["verdict"] == "unique"
     assert pipeline.process_events([event("other", da)])[0]["verdict"] == "unique"  # old bytes are gone
@@ -111,7 +111,7 @@ def test_namespaces_never_see_each_other(pipeline, corpus_bytes):
 
 
 def test_same_image_twice_in_one_batch(pipeline, corpus_bytes):
-    stem, data = next(iter(corpus_bytes.items()))
+    _stem, data = next(iter(corpus_bytes.items()))
     out = pipeline.process_events([event("a", data), event("b", data), event("a", data)])
     assert [d["verdict"] for d in out] == ["unique", "exact_duplicate", "unique"]
 
@@ -131,7 +131,7 @@ def test_concurrent_near_duplicates_leave_exactly_one_unique(make_settings, corp
             barrier = threading.Barrier(2)
             results = {}
 
-            def run(i, ident, data):
+            def run(i, ident, data, barrier=barrier, results=results):
                 barrier.wait()
                 results[i] = workers[i].process_events([event(ident, data)])[0]
 
@@ -220,7 +220,7 @@ def test_an_event_that_breaks_the_store_is_isolated(pipeline, corpus_bytes, redi
     """A key of the wrong type (as a bug or a foreign writer would leave it) fails one event, not the batch."""
     from imgdedup.keys import Keys
 
-    (a, da), (b, db) = list(corpus_bytes.items())[:2]
+    (_a, da), (_b, db) = list(corpus_bytes.items())[:2]
     redis_client.set(Keys(key_prefix).record("default", "poisoned"), "not a hash")
     out = pipeline.process_events([event("fine", da), event("poisoned", db)])
     assert out[0]["verdict"] == "unique"

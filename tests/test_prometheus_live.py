@@ -198,6 +198,10 @@ def _processed(url: str, verdicts: int, dead_letters_per_code: int) -> bool:
         totals.get(code, 0) >= dead_letters_per_code for code in EXPECTED_DEAD_LETTERS)
 
 
+#: PromQL: the smallest dead-letter counter among the expected codes (each round adds one of each).
+_CODES = "|".join(EXPECTED_DEAD_LETTERS)
+DEAD_LETTERS_SCRAPED = f'min(imgdedup_dead_letters_total{{code=~"{_CODES}"}})'
+
 def _scraped(live: Live, expr: str, expected: float) -> bool:
     live.eval_time = time.time()
     result = live.query(expr)
@@ -234,8 +238,7 @@ def live(kafka_broker, redis_server, corpus_files, tmp_path_factory):
                   lambda v=verdicts, n=number: _processed(metrics_url, v, n), 180, procs)
             _wait(f"Prometheus to scrape round {number}",
                   lambda v=verdicts, n=number: _scraped(live, "sum(imgdedup_verdicts_total)", v)
-                  and _scraped(live, 'min(imgdedup_dead_letters_total{code=~"%s"})'
-                               % "|".join(EXPECTED_DEAD_LETTERS), n), 60, procs)
+                  and _scraped(live, DEAD_LETTERS_SCRAPED, n), 60, procs)
         assert _worker_totals(metrics_url) == {"verdicts": EXPECTED_VERDICTS, **EXPECTED_DEAD_LETTERS}
         # The periodic index-size report (every 15 s) has run since, and the rules were evaluated.
         _wait("Prometheus to scrape the index sizes",

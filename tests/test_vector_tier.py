@@ -94,8 +94,8 @@ def clip_checkpoint(tmp_path_factory):
 def test_clip_is_evidence_unless_enabled_as_a_signal(make_settings, clip_checkpoint, corpus_bytes):
     from imgdedup.embedders import build_embedders
 
-    common = dict(sscd_enabled=False, clip_enabled=True, clip_model="ViT-S-32", clip_checkpoint=str(clip_checkpoint),
-                  clip_threshold=0.9)
+    common = {"sscd_enabled": False, "clip_enabled": True, "clip_model": "ViT-S-32",
+              "clip_checkpoint": str(clip_checkpoint), "clip_threshold": 0.9}
     settings = make_settings(**common)
     pipeline = Pipeline(settings, embedders=build_embedders(settings))
     (k, v), *_ = corpus_bytes.items()
@@ -123,6 +123,6 @@ def test_worker_without_clip_weights_refuses_to_start(tmp_path):
     env = {**os.environ, "IMGDEDUP_CLIP_ENABLED": "true", "IMGDEDUP_SSCD_ENABLED": "false",
            "IMGDEDUP_CLIP_CHECKPOINT": str(tmp_path / "missing.pt"), "IMGDEDUP_METRICS_PORT": "0"}
     out = subprocess.run([sys.executable, "-m", "imgdedup", "worker"], env=env, capture_output=True, text=True,
-                         timeout=300)
+                         check=False, timeout=300)
     assert out.returncode != 0
     assert "IMGDEDUP_CLIP_CHECKPOINT" in out.stderr and "Traceback" not in out.stderr

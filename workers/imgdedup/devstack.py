@@ -130,7 +130,7 @@ def _wait(check, server: Server, log: Path, timeout: float = 20.0) -> None:
         try:
             if check():
                 return
-        except Exception as exc:  # the server is still starting; any failure means "not yet"
+        except Exception as exc:  # noqa: BLE001 -- the server is still starting; any failure means "not yet"
             last = exc
         time.sleep(0.1)
     server.stop()

@@ -29,7 +29,7 @@ class HealthServer:
 
 def _handler(ready: Callable[[], tuple[bool, str]]):
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's naming)
+        def do_GET(self):
             path = self.path.split("?")[0]
             if path == "/metrics":
                 self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)

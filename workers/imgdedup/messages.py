@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,7 @@ def parse_event(value: bytes | None) -> ImageEvent:
         namespace=doc.get("namespace", props["namespace"]["default"]),
         op=doc.get("op", props["op"]["default"]),
         image=doc.get("image"),
-        occurred_at=datetime.fromisoformat(occurred.replace("Z", "+00:00")) if occurred else None,
+        occurred_at=datetime.fromisoformat(occurred) if occurred else None,
         attributes=doc.get("attributes", {}),
     )
 
@@ -100,13 +100,13 @@ def event_id_of(value: bytes | None) -> str | None:
     """Best-effort event id of a record that failed to parse, for the dead-letter record."""
     try:
         event_id = json.loads(value).get("event_id")
-    except Exception:  # anything unreadable simply has no id
+    except Exception:  # noqa: BLE001 -- anything unreadable simply has no id
         return None
     return event_id if isinstance(event_id, str) else None
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def make_event(image_id: str, *, event_id: str, namespace: str = "default", op: str = "upsert",
@@ -129,7 +129,7 @@ def make_event(image_id: str, *, event_id: str, namespace: str = "default", op: 
 
 def make_verdict(event: ImageEvent, *, verdict: str, duplicate_of: str | None, matches: list[dict],
                  sha256: str | None, phash: str | None, low_detail: bool, features: dict[str, str]) -> dict:
-    processed = datetime.now(timezone.utc)
+    processed = datetime.now(UTC)
     latency = (processed - event.occurred_at).total_seconds() * 1000 if event.occurred_at else None
     return {
         "schema": VERDICT, "event_id": event.event_id, "image_id": event.image_id, "namespace": event.namespace,

@@ -335,7 +335,7 @@ class Worker:
 def _timestamp(rfc3339: str) -> float:
     from datetime import datetime
 
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+    return datetime.fromisoformat(rfc3339).timestamp()
 
 
 @click.command("worker")
@@ -343,7 +343,6 @@ def _timestamp(rfc3339: str) -> float:
 def worker_command(ctx) -> None:
     """Consume image events and publish verdicts until SIGTERM/SIGINT."""
     from imgdedup.cli import settings_from
-
     from imgdedup.embedders import EmbedderUnavailable
 
     settings = settings_from(ctx)

@@ -209,7 +209,7 @@ def _thumbnail(path: Path | None, size: int) -> Image.Image:
             tile = ImageOps.exif_transpose(im).convert("RGB")
             tile.thumbnail((size, size))
             return tile
-    except Exception:
+    except Exception:  # noqa: BLE001 -- any unreadable file becomes a grey tile
         tile = Image.new("RGB", (size, size), (200, 200, 200))
         ImageDraw.Draw(tile).text((8, size // 2 - 6), "no image", fill=(60, 60, 60))
         return tile

@@ -48,7 +48,7 @@ class _Thumbs:
                     tile = ImageOps.exif_transpose(im).convert("RGB")
                 tile.thumbnail((THUMB, THUMB))
                 tile.save(self.dir / name, "JPEG", quality=80)
-            except Exception:  # a missing file shows as a broken image, the page still renders
+            except Exception:  # noqa: BLE001, S110 -- a missing file: a broken image, the page renders
                 pass
             self.done[image_id] = f"thumbs/{name}"
         return self.done[image_id]
@@ -183,9 +183,9 @@ def write_html(run, out_dir: Path) -> Path:
     body = [
         "<!doctype html><meta charset=utf-8><title>imgdedup evaluation</title>", f"<style>{_CSS}</style>",
         "<h1>imgdedup evaluation</h1>",
-        f"<p>{html.escape(meta['date'])} · {html.escape(meta['machine'])} · {meta['bases']} bases, "
+        (f"<p>{html.escape(meta['date'])} · {html.escape(meta['machine'])} · {meta['bases']} bases, "
         f"{meta['variants']} variants · thresholds {html.escape(str(meta['thresholds']))}<br>"
-        f"<code>{html.escape(meta['command'])}</code></p>",
+        f"<code>{html.escape(meta['command'])}</code></p>"),
         "<h2>Recall per transform</h2>", _markdown_table_to_html(table),
         *_false_positive_section(run, thumbs), *_misses_section(run, thumbs), *_groups_section(run, thumbs),
     ]

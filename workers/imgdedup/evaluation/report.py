@@ -87,8 +87,8 @@ def signal_markdown(results: dict) -> list[str]:
             _label(name), f"{_cmp(sig)} {_fmt(sig['configured'])}",
             f"{p['precision']:.3f} / {p['recall']:.3f} / {p['f1']:.3f}",
             f"{sig['base_pairs']['false_positives']} / {sig['base_pairs']['pairs']} ({sig['base_pairs']['fpr']:.2e})",
-            f"{sig['variant_other_base']['false_positives']} / {sig['variant_other_base']['pairs']} "
-            f"({sig['variant_other_base']['fpr']:.2e})",
+            (f"{sig['variant_other_base']['false_positives']} / {sig['variant_other_base']['pairs']} "
+            f"({sig['variant_other_base']['fpr']:.2e})"),
             _closest(sig["base_pairs"]["closest"]), _closest(sig["distinct_with_original"]["closest"]),
             _closest(sig["cross_family"]["closest"]),
             f"{_fmt(r_thr['map'])} / {_fmt(r_thr['ndcg'])}", f"{_fmt(r_full['map'])} / {_fmt(r_full['ndcg'])}",
@@ -104,8 +104,8 @@ def candidates_markdown(results: dict) -> list[str]:
     lines = []
     for name, sig in results["signals"].items():
         lines += [f"**{_label(name)}** ({sig['unit']})", "",
-                  "| threshold | recall of copies vs their original | false pairs with an original | "
-                  "false pairs (any two different pictures) |", "|---|---|---|---|"]
+                  ("| threshold | recall of copies vs their original | false pairs with an original | "
+                  "false pairs (any two different pictures) |"), "|---|---|---|---|"]
         for c in sig.get("candidates", []):
             mark = " (configured)" if c["threshold"] == sig["configured"] else ""
             lines.append(f"| {_cmp(sig)} {_fmt(c['threshold'], 2)}{mark} | {c['recall_vs_original']:.3f} | "
@@ -128,11 +128,11 @@ def verdict_markdown(v: dict) -> list[str]:
         f"- variants called a duplicate of another base: {len(v['false_duplicate_variants'])}"
         + (" (" + ", ".join(f"{x['image_id']} → {x['duplicate_of']}" for x in v["false_duplicate_variants"][:10])
            + ")" if v["false_duplicate_variants"] else ""),
-        f"- verdict precision (duplicate verdicts naming the right original): {v['verdict_precision']:.4f}; "
-        f"variant recall: {_fmt(v['variant_recall'])}",
-        f"- duplicate groups (anti-chaining, min share {v.get('min_share', '')}): {len(v['groups']['groups'])} "
+        (f"- verdict precision (duplicate verdicts naming the right original): {v['verdict_precision']:.4f}; "
+        f"variant recall: {_fmt(v['variant_recall'])}"),
+        (f"- duplicate groups (anti-chaining, min share {v.get('min_share', '')}): {len(v['groups']['groups'])} "
         f"groups, sizes {v['groups']['sizes']}; pairwise precision / recall / F1 of the groups: "
-        f"{g['precision']:.3f} / {g['recall']:.3f} / {g['f1']:.3f}",
+        f"{g['precision']:.3f} / {g['recall']:.3f} / {g['f1']:.3f}"),
     ]
     return lines
 
@@ -151,18 +151,18 @@ def write_markdown(results: dict, path: Path, plots: list[Path]) -> Path:
         f"- images left out because the feature code rejected them: {len(results.get('dropped') or [])}"
         + "".join(f"; `{d['image_id']}` {d['code']}" for d in (results.get("dropped") or [])[:5]), "",
         "## Recall per transform", "",
-        "Recall = share of the variants found as duplicates of their own base. Signal columns use the raw "
+        ("Recall = share of the variants found as duplicates of their own base. Signal columns use the raw "
         "score between variant and base at the configured threshold (min / median / max of the score); "
-        "**verdict** is the worker's real decision (duplicate of the right original).", "",
+        "**verdict** is the worker's real decision (duplicate of the right original)."), "",
         *transform_markdown(results), "",
         "## Signals over all pairs", "",
-        "Pairwise P/R/F1 and mAP/NDCG count all pairs (every image is a query, its true duplicates the "
+        ("Pairwise P/R/F1 and mAP/NDCG count all pairs (every image is a query, its true duplicates the "
         "relevant items). FPR = false-positive rate at the configured threshold. Closest = the smallest "
         "distance / largest similarity between two different pictures (the safety margin): between two "
         "originals, between a copy and another original, and between any two images (including two copies "
         "of different originals, e.g. both pasted into the same screenshot frame). The recommendation is "
         "taken on pairs that contain an original: it reaches the target precision there and keeps the "
-        "margin from the closest such distinct pair.", "",
+        "margin from the closest such distinct pair."), "",
         *signal_markdown(results), "",
         "## Threshold ladder", "", *candidates_markdown(results),
     ]
