@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,vectors,clip,eval
 PYTEST_ARGS ?=
 
-.PHONY: install deps-system test run bench eval clean
+.PHONY: install deps-system lint test run bench eval clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 # Debian's prometheus (prometheus + promtool) and docker-compose in its own venv, for the deploy checks.
 deps-system: install
 	bash deploy/install-tools.sh
+
+# Ruff's default rules at the pinned version (pyproject.toml); CI runs it before the tests.
+lint: install
+	$(BIN)/ruff check .
 
 test: install deps-system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
