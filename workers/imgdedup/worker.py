@@ -127,7 +127,10 @@ class Worker:
             self.producer.flush(30)
         if self.consumer is not None:
             self._commit_all()
-            self.consumer.close()
+            self.consumer.close()  # may revoke partitions, which flushes the producer once more
+        # librdkafka's producer lives as long as the object: drop it, or its threads keep dialing
+        # the broker for as long as this Worker is referenced.
+        self.producer = self.consumer = None
         self.pipeline.close()
         self.assigned.clear()
         self.ready()
