@@ -56,6 +56,17 @@ def test_bad_rows_are_rejected_with_their_line_and_reason():
     assert out[-1]["op"] == "delete" and "image" not in out[-1]
 
 
+def test_a_spreadsheet_csv_with_a_byte_order_mark_is_read(tmp_path, kafka_settings):
+    settings = kafka_settings(partitions=1)
+    manifest = tmp_path / "export.csv"
+    manifest.write_bytes("image_id,uri\r\nx-1,https://cdn.example.com/x.jpg\r\n".encode("utf-8-sig"))
+    result = CliRunner().invoke(cli, ["--set", f"kafka_bootstrap={settings.kafka_bootstrap}",
+                                      "--input-topic", settings.input_topic, "backfill", str(manifest)])
+    assert result.exit_code == 0 and "published 1 events" in result.output, result.output
+    (event,) = iter_topic(settings, settings.input_topic, idle_timeout_s=2)
+    assert event["image_id"] == "x-1"
+
+
 def test_csv_row_with_more_cells_than_columns_is_rejected():
     out = events_of("image_id,uri\na,file:///a.jpg,surplus\nb,file:///b.jpg\n", "csv")
     assert isinstance(out[0], backfill.Rejected) and out[0].line == 2

@@ -121,7 +121,7 @@ def publish_command(ctx, paths, namespace: str, inline: bool, id_prefix: str | N
 
 
 @click.command("backfill")
-@click.argument("manifest", type=click.File("r", encoding="utf-8"))
+@click.argument("manifest", type=click.File("r", encoding="utf-8-sig"))  # -sig: spreadsheets write a BOM
 @click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "csv"]), default="auto", show_default=True,
               help="Manifest format; auto: csv for *.csv, else JSON Lines.")
 @click.option("--namespace", default="default", show_default=True, help="Namespace of rows that name none.")
