@@ -103,3 +103,15 @@ def test_backfill_command_publishes_and_a_rerun_is_a_redelivery(kafka_settings, 
     assert {v["verdict"] for v in verdicts} == {"unique"}
     assert {v["namespace"] for v in verdicts} == {"catalog"}
     assert {v["attributes"]["listing"] for v in verdicts} == {str(i) for i in range(6)}
+
+
+def test_undelivered_events_end_with_a_clear_error(tmp_path):
+    from imgdedup import devstack
+
+    manifest = tmp_path / "catalog.jsonl"
+    manifest.write_text('{"image_id": "a", "uri": "https://cdn.example.com/a.jpg"}\n')
+    nobody = f"127.0.0.1:{devstack.free_port()}"  # no broker listens here
+    result = CliRunner().invoke(cli, ["--set", f"kafka_bootstrap={nobody}", "--set",
+                                      'kafka_extra={"message.timeout.ms": "1500"}', "backfill", str(manifest)])
+    assert result.exit_code == 1 and "1 events not delivered" in result.output, result.output
+    assert "publishing the manifest again is safe" in result.output and "Traceback" not in result.output

@@ -162,7 +162,10 @@ def backfill_command(ctx, manifest, fmt: str, namespace: str, skip: int, rate: f
             yield item
 
     with tqdm(desc="backfill", unit="event", disable=None) as bar:
-        produce_events(settings, accepted(), on_progress=bar.update)
+        try:
+            produce_events(settings, accepted(), on_progress=bar.update)
+        except RuntimeError as exc:  # undelivered events: the same manifest can simply be sent again
+            raise click.ClickException(f"{exc}; publishing the manifest again is safe (same event ids)") from None
     published = counts["rows"] - counts["rejected"]
     click.echo(f"published {published} events to {settings.input_topic}; rejected {counts['rejected']} rows"
                f" (after skipping {skip})", err=True)
