@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import mimetypes
 import time
@@ -142,14 +143,12 @@ def backfill_command(ctx, manifest, fmt: str, namespace: str, skip: int, rate: f
     settings = settings_from(ctx)
     if fmt == "auto":
         fmt = "csv" if manifest.name.lower().endswith(".csv") else "jsonl"
-    rows = backfill.read_rows(manifest, fmt)
+    rows = itertools.islice(backfill.read_rows(manifest, fmt), skip, None)  # skipped rows are not validated
     counts = {"rows": 0, "rejected": 0}
 
     def accepted():
         began = time.monotonic()
-        for n, item in enumerate(backfill.events(rows, namespace)):
-            if n < skip:
-                continue
+        for item in backfill.events(rows, namespace):
             counts["rows"] += 1
             if isinstance(item, backfill.Rejected):
                 counts["rejected"] += 1
