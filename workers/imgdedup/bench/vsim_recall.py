@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     server = devstack.start_redis(devstack.free_port(), args.workdir, persist=False)
     try:
         keys = Keys("recall")
-        client = redis.Redis.from_url(server.address)
+        client = redis.Redis.from_url(server.address, socket_timeout=None)  # SAVE of 1M vectors takes a while
         stored = VectorSetIndex(client, keys, args.shards).count(NS, EMBEDDER)
         if stored not in (0, args.count):
             raise SystemExit(f"{args.workdir} holds {stored:,} vectors, not {args.count:,}; use another --workdir")
