@@ -62,6 +62,7 @@ MAY_BE_EMPTY = {
     "alert ImgdedupNoVerdicts": "verdicts are being published",
     "alert ImgdedupRedisMemoryNearLimit": "the test Redis has no maxmemory (ratio undefined) and is nearly empty",
     "alert ImgdedupHashBucketsCapped": "no bucket reaches mih_bucket_cap_bytes with a handful of photos",
+    "alert ImgdedupVectorShardLarge": "5 vectors per shard, far below 500 x EF",
     "Transient errors and retries [A]": "errors{dependency} appears only after a Kafka/Redis error",
     "Transient errors and retries [B]": "retries{dependency} appears only after a Redis error",
 }
@@ -202,6 +203,7 @@ def _processed(url: str, verdicts: int, dead_letters_per_code: int) -> bool:
 _CODES = "|".join(EXPECTED_DEAD_LETTERS)
 DEAD_LETTERS_SCRAPED = f'min(imgdedup_dead_letters_total{{code=~"{_CODES}"}})'
 
+
 def _scraped(live: Live, expr: str, expected: float) -> bool:
     live.eval_time = time.time()
     result = live.query(expr)
@@ -242,7 +244,8 @@ def live(kafka_broker, redis_server, corpus_files, tmp_path_factory):
         assert _worker_totals(metrics_url) == {"verdicts": EXPECTED_VERDICTS, **EXPECTED_DEAD_LETTERS}
         # The periodic index-size report (every 15 s) has run since, and the rules were evaluated.
         _wait("Prometheus to scrape the index sizes",
-              lambda: _scraped(live, "sum(imgdedup_index_images)", PHOTOS), 60, procs)
+              lambda: _scraped(live, "sum(imgdedup_index_images)", PHOTOS)
+              and _scraped(live, 'max(imgdedup_vector_shard_vectors{embedder="sscd"})', PHOTOS), 60, procs)
         _wait("rules evaluated after the traffic", lambda: _rules_evaluated_after(base, live.eval_time), 30, procs)
         yield live
     finally:

@@ -68,6 +68,13 @@ CONSUMER_LAG = Gauge(
 ASSIGNED_PARTITIONS = Gauge("imgdedup_assigned_partitions", "Input partitions assigned to this worker.")
 PAUSED_PARTITIONS = Gauge("imgdedup_paused_partitions", "Input partitions paused after repeated transient errors.")
 INDEX_IMAGES = Gauge("imgdedup_index_images", "Committed images in the index, by namespace.", ["namespace"])
+VECTOR_QUERY_EF = Gauge("imgdedup_vector_query_ef", "HNSW exploration factor of this worker's vector queries (setting).")
+VECTOR_SHARD_VECTORS = Gauge(
+    "imgdedup_vector_shard_vectors",
+    "Vectors in the largest shard (one HNSW graph) of a namespace's vector index, by embedder: a query's "
+    "recall at a fixed EF falls as a graph grows.",
+    ["namespace", "embedder"],
+)
 REDIS_USED_MEMORY = Gauge("imgdedup_redis_used_memory_bytes", "Redis used_memory as last reported by INFO (summed over a cluster's primaries).")
 REDIS_MAX_MEMORY = Gauge("imgdedup_redis_maxmemory_bytes", "Redis maxmemory (summed over a cluster's primaries; 0 = no limit on some node).")
 READY = Gauge("imgdedup_ready", "1 when connected to Kafka and Redis with partitions assigned.")

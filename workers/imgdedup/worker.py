@@ -69,6 +69,7 @@ class Worker:
     def run(self) -> None:
         features = ",".join(f"{k}={v}" for k, v in sorted(self.pipeline.extractor.versions.items()))
         metrics.BUILD_INFO.labels(__version__, features).set(1)
+        metrics.VECTOR_QUERY_EF.set(self.settings.vector_query_ef)
         self._wait_for_redis()
         if self.stopping.is_set():
             return
@@ -324,8 +325,12 @@ class Worker:
     def _report_sizes(self) -> None:
         self.next_sizes = time.monotonic() + SIZES_EVERY_S
         try:
-            for ns, count in self.pipeline.store.namespace_sizes().items():
+            store = self.pipeline.store
+            for ns, count in store.namespace_sizes().items():
                 metrics.INDEX_IMAGES.labels(metrics.namespace_label(ns)).set(count)
+                for embedder in self.pipeline.extractor.embedders if store.vectors is not None else []:
+                    metrics.VECTOR_SHARD_VECTORS.labels(metrics.namespace_label(ns), embedder.name).set(
+                        store.vectors.largest_shard(ns, embedder.name))
             used, limit = self.pipeline.store.memory()
             metrics.REDIS_USED_MEMORY.set(used)
             metrics.REDIS_MAX_MEMORY.set(limit)

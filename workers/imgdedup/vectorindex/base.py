@@ -56,6 +56,11 @@ class VectorIndex(ABC):
     def count(self, ns: str, embedder: str) -> int:
         """Vectors stored for (ns, embedder)."""
 
+    def largest_shard(self, ns: str, embedder: str) -> int:
+        """Vectors in the biggest single HNSW graph of (ns, embedder): what a query's recall depends on.
+        Backends with one graph per (ns, embedder) answer :meth:`count`."""
+        return self.count(ns, embedder)
+
 
 def as_matrix(vectors: np.ndarray) -> np.ndarray:
     """Query vectors as a C-contiguous little-endian float32 matrix (one row per query)."""

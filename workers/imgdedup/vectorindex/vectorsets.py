@@ -97,10 +97,16 @@ class VectorSetIndex(VectorIndex):
             pipe.execute()
 
     def count(self, ns: str, embedder: str) -> int:
+        return sum(self._shard_sizes(ns, embedder))
+
+    def largest_shard(self, ns: str, embedder: str) -> int:
+        return max(self._shard_sizes(ns, embedder))
+
+    def _shard_sizes(self, ns: str, embedder: str) -> list[int]:
         pipe = self.client.pipeline(transaction=False)
         for shard in range(self.shards):
             pipe.execute_command("VCARD", self.keys.vectorset(ns, embedder, shard))
-        return sum(int(n or 0) for n in pipe.execute())
+        return [int(n or 0) for n in pipe.execute()]
 
     @staticmethod
     def _shard(embedder: str, locator: str) -> int:
