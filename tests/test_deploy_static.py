@@ -78,6 +78,33 @@ def test_promtool_accepts_the_alert_rules():
     assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
 
 
+def test_vector_shard_alert_fires_above_500_times_the_query_ef(tmp_path):
+    """promtool's rule unit test: a shard of 100,001 vectors at EF 200 fires after an hour, 100,000
+    does not, and raising the EF to 500 silences it."""
+    series = [
+        {"series": 'imgdedup_vector_shard_vectors{namespace="big", embedder="sscd", instance="w1"}',
+         "values": "100001x120"},
+        {"series": 'imgdedup_vector_shard_vectors{namespace="edge", embedder="sscd", instance="w1"}',
+         "values": "100000x120"},
+        {"series": 'imgdedup_vector_query_ef{instance="w1"}', "values": "200x90 500x30"},
+    ]
+    (rule,) = [r for r in alert_rules() if r["alert"] == "ImgdedupVectorShardLarge"]
+    expected = [{"exp_labels": {"severity": "warning", "namespace": "big", "embedder": "sscd"},
+                 "exp_annotations": {**rule["annotations"],
+                                     "summary": "big/sscd: 100k vectors in one shard, too many for the EF"}}]
+    tests = {"rule_files": [str(PROM / "alerts.yml")], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "alert_rule_test": [
+            {"eval_time": "30m", "alertname": "ImgdedupVectorShardLarge", "exp_alerts": []},  # pending
+            {"eval_time": "80m", "alertname": "ImgdedupVectorShardLarge", "exp_alerts": expected},
+            {"eval_time": "110m", "alertname": "ImgdedupVectorShardLarge", "exp_alerts": []},  # EF 500
+        ]}]}
+    spec = tmp_path / "vector-shard-test.yml"
+    spec.write_text(yaml.safe_dump(tests))
+    result = _run(require_tool("promtool"), "test", "rules", str(spec))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_promtool_accepts_the_compose_scrape_config():
     result = _run(require_tool("promtool"), "check", "config", str(PROM / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
