@@ -60,8 +60,7 @@ def test_largest_shard_of_a_single_graph_backend_is_its_count(make_settings, red
     settings = make_settings(vector_backend="redisearch")
     index = build_vector_index(redis_client, Keys(settings.key_prefix), settings)
     index.add("ns", "sscd", list(zip(ids(7), unit(np.random.default_rng(4), 7))))
-    assert index.largest_shard("ns", "sscd") == index.count("ns", "sscd") == 7
-    assert index.largest_shard("empty", "sscd") == 0
+    assert index.largest_shards([("ns", "sscd"), ("empty", "sscd")]) == [7, 0] == [index.count("ns", "sscd"), 0]
 
 
 def test_queries_use_the_configured_exploration_factor(backend, make_settings, redis_client):
@@ -223,7 +222,8 @@ def test_vector_sets_spread_over_every_shard_and_queries_merge(make_settings, re
     hits = index.query("ns", "sscd", base, k=40)[0]
     assert {h for h, _ in hits} == set(names)  # the merged answer holds every shard's members
     assert len({shard_of(h, 4) for h, _ in hits[:12]}) > 1
-    assert index.count("ns", "sscd") == 40 and index.largest_shard("ns", "sscd") == max(per_shard) < 40
+    assert index.count("ns", "sscd") == 40
+    assert index.largest_shards([("ns", "sscd"), ("empty", "sscd")]) == [max(per_shard), 0] and max(per_shard) < 40
 
 
 def test_vector_sets_are_created_with_the_fixed_flags(make_settings, redis_client):

@@ -326,11 +326,13 @@ class Worker:
         self.next_sizes = time.monotonic() + SIZES_EVERY_S
         try:
             store = self.pipeline.store
-            for ns, count in store.namespace_sizes().items():
+            sizes = store.namespace_sizes()
+            for ns, count in sizes.items():
                 metrics.INDEX_IMAGES.labels(metrics.namespace_label(ns)).set(count)
-                for embedder in self.pipeline.extractor.embedders if store.vectors is not None else []:
-                    metrics.VECTOR_SHARD_VECTORS.labels(metrics.namespace_label(ns), embedder.name).set(
-                        store.vectors.largest_shard(ns, embedder.name))
+            if store.vectors is not None:
+                graphs = [(ns, e.name) for ns in sizes for e in self.pipeline.extractor.embedders]
+                for (ns, name), largest in zip(graphs, store.vectors.largest_shards(graphs)):
+                    metrics.VECTOR_SHARD_VECTORS.labels(metrics.namespace_label(ns), name).set(largest)
             used, limit = self.pipeline.store.memory()
             metrics.REDIS_USED_MEMORY.set(used)
             metrics.REDIS_MAX_MEMORY.set(limit)

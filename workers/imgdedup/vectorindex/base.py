@@ -56,10 +56,10 @@ class VectorIndex(ABC):
     def count(self, ns: str, embedder: str) -> int:
         """Vectors stored for (ns, embedder)."""
 
-    def largest_shard(self, ns: str, embedder: str) -> int:
-        """Vectors in the biggest single HNSW graph of (ns, embedder): what a query's recall depends on.
-        Backends with one graph per (ns, embedder) answer :meth:`count`."""
-        return self.count(ns, embedder)
+    def largest_shards(self, items: list[tuple[str, str]]) -> list[int]:
+        """Vectors in the biggest single HNSW graph of each (ns, embedder): what a query's recall
+        depends on. Backends with one graph per (ns, embedder) answer :meth:`count`."""
+        return [self.count(ns, embedder) for ns, embedder in items]
 
 
 def as_matrix(vectors: np.ndarray) -> np.ndarray:

@@ -97,16 +97,19 @@ class VectorSetIndex(VectorIndex):
             pipe.execute()
 
     def count(self, ns: str, embedder: str) -> int:
-        return sum(self._shard_sizes(ns, embedder))
+        return sum(self._shard_sizes([(ns, embedder)]))
 
-    def largest_shard(self, ns: str, embedder: str) -> int:
-        return max(self._shard_sizes(ns, embedder))
+    def largest_shards(self, items: list[tuple[str, str]]) -> list[int]:
+        sizes = self._shard_sizes(items)
+        return [max(sizes[i:i + self.shards]) for i in range(0, len(sizes), self.shards)]
 
-    def _shard_sizes(self, ns: str, embedder: str) -> list[int]:
+    def _shard_sizes(self, items: list[tuple[str, str]]) -> list[int]:
+        """VCARD of every shard of every (ns, embedder), in one round trip (metrics ask for all namespaces)."""
         pipe = self.client.pipeline(transaction=False)
-        for shard in range(self.shards):
-            pipe.execute_command("VCARD", self.keys.vectorset(ns, embedder, shard))
-        return [int(n or 0) for n in pipe.execute()]
+        for ns, embedder in items:
+            for shard in range(self.shards):
+                pipe.execute_command("VCARD", self.keys.vectorset(ns, embedder, shard))
+        return [int(n or 0) for n in pipe.execute()] if items else []
 
     @staticmethod
     def _shard(embedder: str, locator: str) -> int:
