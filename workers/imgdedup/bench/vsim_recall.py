@@ -26,6 +26,7 @@ import numpy as np
 import redis
 
 from imgdedup import devstack
+from imgdedup.bench.vector_bench import _unit
 from imgdedup.keys import Keys
 from imgdedup.vectorindex.vectorsets import VectorSetIndex
 
@@ -40,8 +41,7 @@ def vectors(count: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out = np.empty((count, DIM), dtype=np.float32)
     for first in range(0, count, 100_000):
-        chunk = rng.standard_normal((min(100_000, count - first), DIM), dtype=np.float32)
-        out[first:first + len(chunk)] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+        out[first:first + 100_000] = _unit(rng, min(100_000, count - first), DIM)
     return out
 
 
