@@ -31,6 +31,8 @@ from imgdedup import messages
 IMAGE_FIELDS = ("uri", "content_type", "sha256")
 #: Row fields copied to the top level of the event.
 EVENT_FIELDS = ("event_id", "image_id", "namespace", "op", "occurred_at", "attributes", "image")
+#: Every field a row may name; in CSV any other column becomes an attribute.
+ROW_FIELDS = frozenset(IMAGE_FIELDS + EVENT_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,8 @@ def read_rows(stream: TextIO, fmt: str) -> Iterator[tuple[int, dict[str, Any] | 
 def _csv_row(row: dict[str | None, Any], line: int) -> dict[str, Any] | Rejected:
     if None in row:  # more cells than header columns
         return Rejected(line, "more cells than the header has columns", json.dumps(row, default=str))
-    known = {k: v for k, v in row.items() if k in IMAGE_FIELDS + EVENT_FIELDS and v not in ("", None)}
-    extra = {k: v for k, v in row.items() if k not in IMAGE_FIELDS + EVENT_FIELDS and v not in ("", None)}
+    known = {k: v for k, v in row.items() if k in ROW_FIELDS and v not in ("", None)}
+    extra = {k: v for k, v in row.items() if k not in ROW_FIELDS and v not in ("", None)}
     return known | ({"attributes": extra} if extra else {})
 
 
@@ -78,7 +80,7 @@ def to_event(row: dict[str, Any], namespace: str) -> dict[str, Any]:
     image = {k: row[k] for k in IMAGE_FIELDS if k in row}
     if image and event["op"] != "delete":
         event["image"] = {**event.get("image", {}), **image}
-    unknown = sorted(set(row) - set(EVENT_FIELDS) - set(IMAGE_FIELDS))
+    unknown = sorted(set(row) - ROW_FIELDS)
     if unknown:  # JSON Lines only (CSV puts them in attributes): let the schema name them
         event.update({k: row[k] for k in unknown})
     event.setdefault("event_id", derived_event_id(event))

@@ -333,7 +333,7 @@ class Worker:
                 graphs = [(ns, e.name) for ns in sizes for e in self.pipeline.extractor.embedders]
                 for (ns, name), largest in zip(graphs, store.vectors.largest_shards(graphs)):
                     metrics.VECTOR_SHARD_VECTORS.labels(metrics.namespace_label(ns), name).set(largest)
-            used, limit = self.pipeline.store.memory()
+            used, limit = store.memory()
             metrics.REDIS_USED_MEMORY.set(used)
             metrics.REDIS_MAX_MEMORY.set(limit)
             self.redis_ok = True
