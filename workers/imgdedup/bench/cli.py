@@ -131,6 +131,15 @@ def _server_rows(section: str, sat: dict) -> list[Row]:
     ]
 
 
+def _gc_rows(section: str, r: dict, at: str) -> list[Row]:
+    """Full garbage collections in the worker: each holds the GIL while it walks the heap, stalling
+    every event in flight (the worker freezes its start-up heap to keep them short)."""
+    return [
+        Row(section, "worker full GC passes, start-up + saturated run", r["saturation"]["worker_full_gc"], ""),
+        Row(section, f"worker full GC passes during the paced run {at}", r["paced"]["worker_full_gc"], ""),
+    ]
+
+
 def hash_rows(r: dict) -> list[Row]:
     sat, lat, base = r["saturation"], r["paced"], r["baselines"]
     at = _paced_label(r)
@@ -173,6 +182,7 @@ def hash_rows(r: dict) -> list[Row]:
         *_server_rows("hash", sat),
         latency_row("hash", f"event->verdict p50 {at}", lat["latency_ms"]["p50"]),
         latency_row("hash", f"event->verdict p99 {at}", lat["latency_ms"]["p99"], max_ms=P99_TARGET_MS),
+        *_gc_rows("hash", r, at),
     ]
 
 
@@ -202,6 +212,7 @@ def sscd_rows(r: dict) -> list[Row]:
         *_server_rows("sscd", sat),
         latency_row("sscd", f"event->verdict p50 {at}", lat["latency_ms"]["p50"]),
         latency_row("sscd", f"event->verdict p99 {at}", lat["latency_ms"]["p99"]),
+        *_gc_rows("sscd", r, at),
     ]
 
 

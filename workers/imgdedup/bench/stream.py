@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from imgdedup import devstack, messages
 from imgdedup.bench.report import percentiles_ms
@@ -145,6 +147,19 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+
+
+def full_collections(settings: Settings) -> int:
+    """Full (generation 2) garbage collections the worker has run so far, read from its /metrics: each
+    one holds the GIL for as long as it walks the heap, so their count belongs beside the latency."""
+    url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "python_gc_collections_total" and sample.labels.get("generation") == "2":
+                return int(sample.value)
+    raise RuntimeError(f"no python_gc_collections_total{{generation=\"2\"}} at {url}")
 
 
 def make_events(files: list[Path], namespace: str, inline: bool) -> list[dict]:
@@ -298,7 +313,7 @@ def stream_settings(settings: Settings, roots: list[Path], sscd: bool) -> Settin
             "dlq_topic": f"bench-dlq-{tag}",
             "consumer_group": f"bench-{tag}",
             "key_prefix": f"bench{tag}",
-            "metrics_port": 0,
+            "metrics_port": devstack.free_port(),  # the bench reads the worker's GC counts
             "file_roots": [Path(r).resolve() for r in roots],
             "sscd_enabled": sscd,
             "session_timeout_ms": 6000,
@@ -337,7 +352,9 @@ def run_stream(
             answers.watch = {"worker": worker.proc.pid, **server_pids}
             sat = saturation(batch, answers, worker, timeout_s=120 + len(batch) / 5)
             rate = rate or sat["events_per_s"] / 2
+            before = sat["worker_full_gc"] = full_collections(settings)  # since the worker started
             lat = paced(files, rate, paced_seconds, answers, settings, worker, inline)
+            lat["worker_full_gc"] = full_collections(settings) - before
         finally:
             worker.stop()
     return {
