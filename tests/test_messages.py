@@ -2,6 +2,7 @@
 messages the code builds must conform."""
 
 import json
+from datetime import UTC
 
 import pytest
 
@@ -85,3 +86,16 @@ def test_strict_base64():
     with pytest.raises(DeadLetterError) as info:
         messages.decode_base64_strict("aGk=!!")
     assert info.value.code is ErrorCode.FETCH_FAILED
+
+
+@pytest.mark.parametrize("stamp, utc", [
+    ("2026-11-22t10:15:00z", "2026-11-22T10:15:00+00:00"),  # RFC 3339 allows lower-case T and Z
+    ("2026-11-22T10:15:00.123456789+01:00", "2026-11-22T09:15:00.123456+00:00"),  # nanoseconds
+])
+def test_parse_event_reads_every_rfc3339_timestamp_the_schema_admits(stamp, utc):
+    """The schema's date-time admits these; Python's fromisoformat refuses some. A valid event must
+    not take the worker down."""
+    doc = {"event_id": "e", "image_id": "a", "op": "delete", "occurred_at": stamp}
+    assert messages.problems(messages.IMAGE_EVENT, doc) == []
+    occurred = messages.parse_event(json.dumps(doc).encode()).occurred_at
+    assert occurred.astimezone(UTC).isoformat() == utc
