@@ -90,6 +90,7 @@ def test_strict_base64():
 
 @pytest.mark.parametrize("stamp, utc", [
     ("2026-11-22t10:15:00z", "2026-11-22T10:15:00+00:00"),  # RFC 3339 allows lower-case T and Z
+    ("2016-12-31T23:59:60Z", "2016-12-31T23:59:59+00:00"),  # a leap second: valid RFC 3339, no datetime
     ("2026-11-22T10:15:00.123456789+01:00", "2026-11-22T09:15:00.123456+00:00"),  # nanoseconds
 ])
 def test_parse_event_reads_every_rfc3339_timestamp_the_schema_admits(stamp, utc):
