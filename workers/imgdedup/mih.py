@@ -104,15 +104,6 @@ def format_substring(value: int, width: int) -> str:
     return f"{int(value):0{_hex_digits(width)}x}"
 
 
-@lru_cache(maxsize=8)
-def hex_table(width: int) -> tuple[str, ...]:
-    """:func:`format_substring` of every value of a narrow width, so the hot path indexes instead of formats."""
-    if width > 16:
-        raise ValueError("hex_table is for widths up to 16 bits")
-    digits = _hex_digits(width)
-    return tuple(f"{v:0{digits}x}" for v in range(1 << width))
-
-
 def _hex_digits(width: int) -> int:
     if width % 4:
         raise ValueError(f"width must be a multiple of 4 bits, got {width}")
