@@ -349,15 +349,16 @@ def test_dotdot_and_symlink_escapes_are_refused(roots):
     assert code_of(s, {"uri": "file:///etc/passwd"}) is ErrorCode.URI_NOT_ALLOWED
 
 
-def test_a_directory_swapped_for_a_symlink_after_the_check_is_refused(roots):
-    """The state a swap between the root check and the open leaves: the checked path now runs
-    through a symlink to outside. The descriptor's real path is checked after opening."""
+def test_the_root_check_is_made_on_what_was_opened(roots):
+    """A directory on the path swapped for a symlink to outside: there is no check-then-open window,
+    the real path checked is the kernel's name for the descriptor the bytes are then read through."""
     root, outside = roots
     os.symlink(outside, root / "swapped")
     with pytest.raises(DeadLetterError) as caught:
-        fetch._read_regular_file(root / "swapped" / "secret.jpg", 1024, [root.resolve()])
+        fetch._read_under_roots(root / "swapped" / "secret.jpg", 1024, [str(root.resolve())])
     assert caught.value.code is ErrorCode.URI_NOT_ALLOWED
-    assert fetch._read_regular_file(root / "in.jpg", 1024, [root.resolve()]) == b"inside"
+    assert fetch._read_under_roots(root / "in.jpg", 1024, [str(root.resolve())]) == b"inside"
+    assert fetch._read_under_roots(root / "swapped" / ".." / "root" / "in.jpg", 1024, [str(root.resolve())]) == b"inside"
 
 
 def test_file_edge_cases(roots):
