@@ -208,12 +208,10 @@ class PHashIndex:
         return finish_each
 
     def _results(self, queries, plans, buckets) -> list[QueryResult]:
-        results = []
-        for (phash, radius), plan, found in zip(queries, plans, buckets):
-            result = _verify(phash, radius, found, len(plan))
+        results = _verify(queries, [len(plan) for plan in plans], buckets)
+        for result in results:
             metrics.MIH_PROBES.observe(result.probes)
             metrics.MIH_CANDIDATES.observe(result.candidates)
-            results.append(result)
         return results
 
     def _probe_keys(self, ns: str, queries: list[tuple[int, int]]) -> list[list[bytes]]:
@@ -256,28 +254,36 @@ class PHashIndex:
         return head + hexstr + tail
 
 
-def _verify(phash: int, radius: int, buckets: list[bytes | None], probes: int) -> QueryResult:
-    """Exact Hamming check of every entry read, vectorised; duplicates are resolved among hits only.
+def _verify(queries: list[tuple[int, int]], probes: list[int], buckets: list[list[bytes | None]]) -> list[QueryResult]:
+    """Exact Hamming check of every entry read for a batch of queries, vectorised over all of them.
 
-    The buckets are joined into one buffer; NumPy finds the entry starts (after each newline) and
-    decodes the 16 hex digits at each, so no Python object is made per candidate. An image found in
-    several tables is verified once per table: cheaper than de-duplicating thousands of candidates.
+    Each query's buckets are joined, and the queries' parts into one buffer; NumPy finds the entry
+    starts (after each newline), decodes the 16 hex digits at each and compares every entry with its
+    own query's hash, so neither a candidate nor a query costs a Python step; only hits do. An image
+    found in several tables is verified once per table: cheaper than de-duplicating candidates.
     """
-    buffer = b"".join(filter(None, buckets))
-    if not buffer:
-        return QueryResult([], probes, 0)
-    raw = np.frombuffer(buffer, dtype=np.uint8)
-    ends = np.flatnonzero(raw == _NEWLINE)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    digits = _HEX_VALUE[raw[starts[:, None] + _HEX_OFFSETS]]
-    hashes = np.bitwise_or.reduce(digits << _HEX_SHIFTS, axis=1)
-    distances = np.bitwise_count(hashes ^ np.uint64(phash))
-    best: dict[str, int] = {}
-    for i in np.flatnonzero(distances <= radius).tolist():
-        image_id, distance = _unescape(buffer[starts[i] + 16 : ends[i]]), int(distances[i])
-        best[image_id] = min(distance, best.get(image_id, distance))  # one image, two pHashes: the nearer
-    matches = sorted(best.items(), key=lambda m: (m[1], m[0]))
-    return QueryResult(matches, probes, len(starts))
+    parts = [b"".join(filter(None, found)) for found in buckets]
+    buffer = b"".join(parts)
+    best: list[dict[str, int]] = [{} for _ in queries]
+    counts = [0] * len(queries)
+    if buffer:
+        raw = np.frombuffer(buffer, dtype=np.uint8)
+        ends = np.flatnonzero(raw == _NEWLINE)
+        starts = np.concatenate(([0], ends[:-1] + 1))
+        owner = np.searchsorted(np.cumsum([len(part) for part in parts]), starts, side="right")
+        digits = _HEX_VALUE[raw[starts[:, None] + _HEX_OFFSETS]]
+        hashes = np.bitwise_or.reduce(digits << _HEX_SHIFTS, axis=1)
+        wanted = np.array([phash for phash, _ in queries], dtype=np.uint64)
+        radii = np.array([radius for _, radius in queries])
+        distances = np.bitwise_count(hashes ^ wanted[owner])
+        counts = np.bincount(owner, minlength=len(queries)).tolist()
+        for i in np.flatnonzero(distances <= radii[owner]).tolist():
+            image_id, distance, seen = _unescape(buffer[starts[i] + 16 : ends[i]]), int(distances[i]), best[owner[i]]
+            seen[image_id] = min(distance, seen.get(image_id, distance))  # one image, two pHashes: the nearer
+    return [
+        QueryResult(sorted(found.items(), key=lambda m: (m[1], m[0])), probe_count, count)
+        for found, probe_count, count in zip(best, probes, counts)
+    ]
 
 
 def _mget_direct(client: redis.Redis, plans: list[list[bytes]]) -> list[list[bytes | None]]:
