@@ -117,8 +117,15 @@ def _paced_label(r: dict) -> str:
 
 
 def _server_rows(section: str, sat: dict) -> list[Row]:
-    """CPU the bench's own Redis and Tansu spent per event in the saturation window (not on --external)."""
-    names = {"redis": "Redis", "kafka": "Tansu broker"}
+    """CPU per event in the saturation window: the worker's threads by kind, then the bench's own Redis
+    and Tansu (not on --external)."""
+    names = {
+        "worker main": "worker main thread",
+        "worker pools": "worker decode/fetch threads",
+        "worker librdkafka": "worker librdkafka threads",
+        "redis": "Redis",
+        "kafka": "Tansu broker",
+    }
     return [
         Row(
             section,

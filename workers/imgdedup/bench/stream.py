@@ -37,10 +37,26 @@ from imgdedup.kafka_io import produce_events, producer_config
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far, all threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process so far, all threads (Linux /proc), or of one thread."""
+    stat = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def worker_threads_cpu(pid: int) -> dict[str, float]:
+    """The worker's CPU seconds by kind of thread: its main thread (Kafka and Redis clients, JSON,
+    verdicts), librdkafka's own threads, and the rest (decode and fetch pools, the metrics server)."""
+    out = {"main": 0.0, "librdkafka": 0.0, "pools": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            seconds = cpu_seconds(pid, int(task.name))
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            continue
+        kind = "main" if int(task.name) == pid else "librdkafka" if name.startswith("rdk:") else "pools"
+        out[kind] += seconds
+    return out
 
 
 @dataclass
@@ -66,7 +82,11 @@ class Answers:
                 self.wall[event_id] = (wall, _timestamp(processed_at))
             n = len(self.got)
             if n in self.marks:
-                self.samples[n] = (now, {name: cpu_seconds(pid) for name, pid in self.watch.items()})
+                cpu = {name: cpu_seconds(pid) for name, pid in self.watch.items()}
+                if "worker" in self.watch:
+                    threads = worker_threads_cpu(self.watch["worker"])
+                    cpu |= {f"worker {kind}": seconds for kind, seconds in threads.items()}
+                self.samples[n] = (now, cpu)
 
     def count(self) -> int:
         with self.lock:
