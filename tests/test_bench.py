@@ -80,7 +80,13 @@ def test_hash_mih_vsim_memory_sections(kafka_broker, redis_server, redis_client,
             assert math.isfinite(row["value"]), row
     details = doc["details"]
     check_stream(details["hash"], 12)
-    assert set(details["hash"]["baselines"]) == {"floor", "imagededup"}
+    assert set(details["hash"]["baselines"]) == {"floor", "imagededup", "floor_both_cores"}
+    assert details["hash"]["baselines"]["floor_both_cores"]["per_cpu_s"] > 0
+    cpu = details["hash"]["saturation"]["cpu_s"]
+    kinds = [cpu["worker main"], cpu["worker pools"], cpu["worker librdkafka"]]
+    assert min(kinds) >= 0 and abs(sum(kinds) - cpu["worker"]) <= 0.1  # every thread counted once
+    # read from the worker's /metrics: at least the collection made when it froze its start-up heap
+    assert details["hash"]["saturation"]["worker_full_gc"] >= 1 and details["hash"]["paced"]["worker_full_gc"] >= 0
     assert details["mih"]["mismatched_queries"] == 0 and details["mih"]["queries_with_matches"] > 0
     assert [v["vectors"] for v in details["index"]["vsim"]] == [300, 600]
     assert all(v["recall_at_1"] >= 0.9 for v in details["index"]["vsim"])
