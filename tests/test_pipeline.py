@@ -171,6 +171,16 @@ def test_bad_events_become_dead_letters(pipeline, corpus_bytes, tmp_path):
     assert raw.kind == "dead_letter" and raw.message["error"]["code"] == "invalid_json"
 
 
+def test_every_timestamp_the_schema_admits_gets_a_verdict(pipeline, corpus_bytes):
+    """Lower-case t/z and a leap second are valid RFC 3339; Python's fromisoformat raised on them,
+    out of the batch and out of the worker."""
+    data = next(iter(corpus_bytes.values()))
+    docs = [{**event(f"stamp-{i}", data), "occurred_at": stamp}
+            for i, stamp in enumerate(["2026-11-22t10:15:00z", "2016-12-31T23:59:60Z"])]
+    out = pipeline.process_events(docs)
+    assert [valid(d)["verdict"] for d in out] == ["unique", "exact_duplicate"]
+
+
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
