@@ -36,10 +36,10 @@ _SENTINEL = "\x00substring\x00"
 _NEWLINE = ord("\n")
 _FULL = -1
 #: Hex digit value of each byte (entries are written by us: lowercase hex only).
-_HEX_VALUE = np.zeros(256, dtype=np.uint64)
-_HEX_VALUE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint64)
-_HEX_OFFSETS = np.arange(16)
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_HEX_VALUE = np.zeros(256, dtype=np.uint64)
+_HEX_VALUE[_HEX_DIGITS] = np.arange(16, dtype=np.uint64)
+_HEX_OFFSETS = np.arange(16)
 _HEX_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
 
 # KEYS[1] = a bucket, ARGV[1] = the entry (ends with a newline), ARGV[2] = the cap in bytes.

@@ -204,7 +204,7 @@ class Worker:
             ns = metrics.namespace_label(out.message["namespace"])
             metrics.VERDICTS.labels(out.message["verdict"], ns).inc()
             if out.message.get("latency_ms") is not None:
-                processed_delay = time.time() - _timestamp(out.message["processed_at"])
+                processed_delay = time.time() - messages.parse_rfc3339(out.message["processed_at"]).timestamp()
                 metrics.END_TO_END_SECONDS.observe(out.message["latency_ms"] / 1000 + max(processed_delay, 0))
         else:
             metrics.DEAD_LETTERS.labels(out.message["error"]["code"]).inc()
@@ -357,12 +357,6 @@ def freeze_startup_heap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-
-
-def _timestamp(rfc3339: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(rfc3339).timestamp()
 
 
 @click.command("worker")

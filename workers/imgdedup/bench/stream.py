@@ -21,7 +21,6 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +78,7 @@ class Answers:
                 return
             self.got[event_id] = (now, outcome)
             if processed_at:
-                self.wall[event_id] = (wall, _timestamp(processed_at))
+                self.wall[event_id] = (wall, messages.parse_rfc3339(processed_at).timestamp())
             n = len(self.got)
             if n in self.marks:
                 cpu = {name: cpu_seconds(pid) for name, pid in self.watch.items()}
@@ -308,10 +307,6 @@ def _offer(producer: Producer, settings: Settings, events: list[dict], rate: flo
         sent[event["event_id"]] = (time.monotonic(), time.time())
         _send(producer, settings, event)
     return sent, time.monotonic() - start
-
-
-def _timestamp(rfc3339: str) -> float:
-    return datetime.fromisoformat(rfc3339).timestamp()
 
 
 def _outcomes(answers: Answers, events: list[dict]) -> dict[str, int]:
