@@ -31,3 +31,19 @@ def test_record_names_every_bucket_and_delete_leaves_nothing_even_when_capped(re
 def test_memory_on_a_single_node(redis_client, make_settings):
     used, limit = IndexStore(redis_client, make_settings()).memory()
     assert used == pytest.approx(int(redis_client.info("memory")["used_memory"]), rel=0.5) and limit == 0
+
+
+def test_a_copy_of_a_duplicate_points_at_the_original_and_a_rewrite_keeps_its_order(redis_client, make_settings):
+    """Canonical originals and sequence numbers come from the namespace's order hash: a copy of `b`
+    (itself a near duplicate of `a`) names `a` as its original, in the verdict and in the evidence;
+    indexing an image again after its decision keeps its sequence number."""
+    store = IndexStore(redis_client, make_settings(phash_radius=8))
+    a = ImageFeatures("ns", "a", "ea", "a" * 64, 0x0123456789ABCDEF, False)
+    b = ImageFeatures("ns", "b", "eb", "b" * 64, 0x0123456789ABCDEF ^ 0b111, False)
+    copy_of_b = ImageFeatures("ns", "c", "ec", "b" * 64, b.phash, False)
+    first, second, third = (store.index([img], [None])[0] for img in (a, b, copy_of_b))
+    assert (first.decision.verdict, second.decision.verdict) == ("unique", "near_duplicate")
+    assert (third.decision.verdict, third.decision.duplicate_of) == ("exact_duplicate", "a")
+    assert third.decision.matches[0] == {"image_id": "b", "signal": "sha256", "canonical": "a"}
+    again = store.index([b], store.records([("ns", "b")]))[0]
+    assert again.seq == second.seq and again.decision.duplicate_of == "a"

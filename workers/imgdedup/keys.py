@@ -14,8 +14,9 @@ Keys, with what they hold:
 
 =========================================  =============================================================
 ``P:{ns}:seq``                              string counter: last sequence number given in ``ns``
-``P:{ns}:order``                            hash image_id -> sequence number; an image with an entry is
-                                            *committed* and counts as a match for later images
+``P:{ns}:order``                            hash image_id -> ``"<seq>"`` once committed (it then counts as a
+                                            match for later images), ``"<seq> <canonical image_id>"``
+                                            once decided; one HMGET answers both for every candidate
 ``P:rec:{ns/image_id}``                     hash: the image record (fields in :data:`RECORD_FIELDS`)
 ``P:sha:{ns/sha256}``                       set of image_ids whose bytes have this SHA-256
 ``P:mih:{ns/t/xxxx}``                       string: hash-table ``t`` bucket ``xxxx`` (hex substring), entries
@@ -31,7 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: 2: hash buckets are strings of entries (were SETs in 1).
-LAYOUT_VERSION = 2
+#: 3: the canonical original moved from the image record into the order hash.
+LAYOUT_VERSION = 3
 
 #: Fields of an image record hash (``P:rec:{ns/image_id}``).
 RECORD_FIELDS = (
@@ -41,7 +43,6 @@ RECORD_FIELDS = (
     "low_detail",  # "1" if the image skipped pHash matching
     "mih",  # bucket hex substring per table, comma-separated, named before writing ("" if none)
     "vectors",  # comma-separated "embedder/shard" vector entries written
-    "canonical",  # image_id of the canonical original ("" until decided; own id if unique)
     "decision",  # JSON of the decided verdict (verdict, duplicate_of, matches; empty ones left out) for replays
     "indexed_at",  # unix seconds of the first write
 )
