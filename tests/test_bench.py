@@ -83,7 +83,7 @@ def test_hash_mih_vsim_memory_sections(kafka_broker, redis_server, redis_client,
     assert set(details["hash"]["baselines"]) == {"floor", "imagededup", "floor_both_cores"}
     assert details["hash"]["baselines"]["floor_both_cores"]["per_cpu_s"] > 0
     cpu = details["hash"]["saturation"]["cpu_s"]
-    kinds = [cpu["worker main"], cpu["worker pools"], cpu["worker librdkafka"]]
+    kinds = [cpu["worker main"], cpu["worker pools"], cpu["worker librdkafka"], cpu["worker processes"]]
     assert min(kinds) >= 0 and abs(sum(kinds) - cpu["worker"]) <= 0.1  # every thread counted once
     # read from the worker's /metrics: at least the collection made when it froze its start-up heap
     assert details["hash"]["saturation"]["worker_full_gc"] >= 1 and details["hash"]["paced"]["worker_full_gc"] >= 0

@@ -123,6 +123,7 @@ def _server_rows(section: str, sat: dict) -> list[Row]:
         "worker main": "worker main thread",
         "worker pools": "worker decode/fetch threads",
         "worker librdkafka": "worker librdkafka threads",
+        "worker processes": "worker decoder processes",
         "redis": "Redis",
         "kafka": "Tansu broker",
     }
@@ -134,7 +135,7 @@ def _server_rows(section: str, sat: dict) -> list[Row]:
             "ms",
         )
         for name in names
-        if name in sat["cpu_s"]
+        if name in sat["cpu_s"] and (name != "worker processes" or sat["cpu_s"][name] > 0)  # 0: threads only
     ]
 
 

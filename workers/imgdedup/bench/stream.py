@@ -43,10 +43,44 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the worker's decoder processes sit under a forkserver), from the
+    parent ids in /proc (this kernel has no /proc/<pid>/task/<tid>/children)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def descendants_cpu_seconds(pid: int) -> float:
+    """CPU seconds of every process below ``pid`` that is still running."""
+    total = 0.0
+    for child in descendants(pid):
+        try:
+            total += cpu_seconds(child)
+        except (FileNotFoundError, ProcessLookupError):  # a process that just ended
+            continue
+    return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return cpu_seconds(pid) + descendants_cpu_seconds(pid)
+
+
 def worker_threads_cpu(pid: int) -> dict[str, float]:
     """The worker's CPU seconds by kind of thread: its main thread (Kafka and Redis clients, JSON,
-    verdicts), librdkafka's own threads, and the rest (decode and fetch pools, the metrics server)."""
-    out = {"main": 0.0, "librdkafka": 0.0, "pools": 0.0}
+    verdicts), librdkafka's own threads, the rest (decode and fetch pools, the metrics server), and
+    its decoder processes (IMGDEDUP_DECODE_PROCESSES) with the forkserver that starts them."""
+    out = {"main": 0.0, "librdkafka": 0.0, "pools": 0.0, "processes": descendants_cpu_seconds(pid)}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
@@ -81,7 +115,7 @@ class Answers:
                 self.wall[event_id] = (wall, messages.parse_rfc3339(processed_at).timestamp())
             n = len(self.got)
             if n in self.marks:
-                cpu = {name: cpu_seconds(pid) for name, pid in self.watch.items()}
+                cpu = {name: tree_cpu_seconds(pid) for name, pid in self.watch.items()}
                 if "worker" in self.watch:
                     threads = worker_threads_cpu(self.watch["worker"])
                     cpu |= {f"worker {kind}": seconds for kind, seconds in threads.items()}
