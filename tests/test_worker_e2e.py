@@ -68,8 +68,9 @@ def by_event(docs: list[dict]) -> dict[str, dict]:
     return out
 
 
-def test_corpus_then_copies_then_variants_with_a_poison_message(kafka_settings, corpus_files):
-    settings = kafka_settings(partitions=3)
+@pytest.mark.parametrize("decode_processes", [0, 2], ids=["decode-threads", "decode-processes"])
+def test_corpus_then_copies_then_variants_with_a_poison_message(kafka_settings, corpus_files, decode_processes):
+    settings = kafka_settings(partitions=3, decode_processes=decode_processes)
     bases = events_for(corpus_files)
     with RunningWorker(settings):
         produce_events(settings, bases[:30])

@@ -77,6 +77,13 @@ class Settings(BaseSettings):
         description="Threads decoding and hashing (CPU; inline and file:// images are read there too). "
         "Default: the CPUs this process may run on; in a container set it to the CPU limit.",
     )
+    decode_processes: int = Field(
+        default_factory=lambda: len(os.sched_getaffinity(0)), ge=0, le=256,
+        json_schema_extra={"documented_default": "CPUs usable"},
+        description="Child processes that read, decode and hash images in place of the decode threads when no "
+        "embedder needs the picture (hash tier only): each has its own GIL, and a codec that crashes takes "
+        "down one child, not the worker. 0: always decode on the threads.",
+    )
     draft_decode: bool = Field(True, description="Let JPEG decoding scale down in the DCT domain (fast path).")
 
     # --- Hash tier ---------------------------------------------------------------------------

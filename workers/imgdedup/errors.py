@@ -27,3 +27,6 @@ class DeadLetterError(Exception):
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
+
+    def __reduce__(self):  # rebuilt from (code, message) when a decoder process sends one back
+        return DeadLetterError, (self.code, self.message)

@@ -55,6 +55,10 @@ MIH_CANDIDATES = Histogram(
 )
 MIH_CAPPED = Counter("imgdedup_mih_capped_buckets", "Hash-bucket writes refused because the bucket was full.")
 LOW_DETAIL = Counter("imgdedup_low_detail_images", "Images too plain for pHash matching (skipped that signal).")
+DECODER_DEATHS = Counter(
+    "imgdedup_decoder_process_deaths",
+    "Decoder child processes that died with images in flight (each of those is retried alone).",
+)
 VECTOR_QUERY_SECONDS = Histogram(
     "imgdedup_vector_query_seconds",
     "Round trip that carried a batch's vector queries (shared with its SHA-256 and pHash lookups), by embedder.",

@@ -20,9 +20,10 @@ import redis
 
 from imgdedup import messages, metrics
 from imgdedup.config import Settings
-from imgdedup.decode import DRAFT_MIN_SIDE, decode
+from imgdedup.decode import DRAFT_MIN_SIDE
 from imgdedup.errors import DeadLetterError, ErrorCode
-from imgdedup.features import hash_features, phash_hex
+from imgdedup.extract import DecodeProcesses, extract, observe
+from imgdedup.features import phash_hex
 from imgdedup.fetch import Fetcher, is_network
 from imgdedup.store import ImageFeatures, IndexStore
 
@@ -102,37 +103,53 @@ class FeatureExtractor:
         # `imgdedup bench`, README "Benchmarks"), while waiting on remote servers needs many threads.
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.fetch_pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch")
+        self.processes = DecodeProcesses(settings, settings.decode_processes) \
+            if settings.decode_processes and not embedders else None
         self.versions = {"phash": phash_version(settings)} | {e.name: e.version for e in embedders}
 
     def close(self) -> None:
         self.fetch_pool.shutdown(wait=True)
         self.pool.shutdown(wait=True)
+        if self.processes is not None:
+            self.processes.close()
         self.fetcher.close()
 
     def extract(self, blobs: list[bytes]) -> list[Features | DeadLetterError]:
-        return self.finish(list(self.pool.map(self._hash_guarded, blobs)))
+        return self.finish(list(self.pool.map(self._extract_here, blobs)))
 
-    def start(self, event: messages.ImageEvent) -> Future:
-        """Fetch, decode and hash one event on the pools; `finish` embeds what these futures produced.
-        Inline and file:// bytes are read on the decode pool; http(s) waits on the fetch pool first."""
-        if not is_network(event.image):
-            return self.pool.submit(self._fetch_and_hash, event)
+    def start(self, events: list[messages.ImageEvent]) -> list[Future]:
+        """Fetch, decode and hash each event on the pools; `finish` embeds what these futures produced.
+        Inline and file:// bytes are read where they are decoded; http(s) waits on the fetch pool first."""
+        local = [i for i, e in enumerate(events) if not is_network(e.image)]
+        futures = dict(zip(local, self._decode([events[i].image for i in local])))
+        for i, event in enumerate(events):
+            if i not in futures:
+                futures[i] = self._fetch_then_decode(event)
+        return [futures[i] for i in range(len(events))]
+
+    def _fetch_then_decode(self, event: messages.ImageEvent) -> Future:
         done: Future = Future()
 
         def decode_fetched(fetched: Future) -> None:
             if fetched.exception() is not None or isinstance(fetched.result(), DeadLetterError):
                 return _forward(fetched, done)
             try:
-                self.pool.submit(self._hash_guarded, fetched.result()).add_done_callback(partial(_forward, dst=done))
+                self._decode([fetched.result()])[0].add_done_callback(partial(_forward, dst=done))
             except RuntimeError as exc:  # the pool is shutting down: the waiter must not hang
                 done.set_exception(exc)
 
         self.fetch_pool.submit(self._fetch_guarded, event).add_done_callback(decode_fetched)
         return done
 
-    def _fetch_and_hash(self, event: messages.ImageEvent):
-        data = self._fetch_guarded(event)
-        return data if isinstance(data, DeadLetterError) else self._hash_guarded(data)
+    def _decode(self, sources: list[dict | bytes]) -> list[Future]:
+        if self.processes is not None:
+            return self.processes.submit(sources)
+        return [self.pool.submit(self._extract_here, source) for source in sources]
+
+    def _extract_here(self, source: dict | bytes):
+        result, timings = extract(source, self.fetcher, self.settings, self.min_side)
+        observe(timings)
+        return result
 
     def _fetch_guarded(self, event: messages.ImageEvent) -> bytes | DeadLetterError:
         try:
@@ -144,22 +161,14 @@ class FeatureExtractor:
             log.exception("fetch failed unexpectedly for event %s", event.event_id)
             return DeadLetterError(ErrorCode.INTERNAL_ERROR, f"fetch: {type(exc).__name__}: {exc}")
 
-    def _hash_guarded(self, data: bytes):
-        try:
-            with metrics.STAGE_SECONDS.labels("decode").time():
-                decoded = decode(data, self.settings, min_side=self.min_side)
-            with metrics.STAGE_SECONDS.labels("hash").time():
-                hashed = hash_features(data, decoded, self.settings)
-        except DeadLetterError as exc:
-            return exc
-        except Exception as exc:
-            log.exception("decode/hash failed unexpectedly")
-            return DeadLetterError(ErrorCode.INTERNAL_ERROR, f"decode: {type(exc).__name__}: {exc}")
-        features = Features(hashed.sha256, hashed.phash, hashed.low_detail, hashed.detail, versions=self.versions)
-        return features, decoded.image
+    def _features(self, prepared):
+        """(Features, picture or None) from what a decode thread or a child process answered."""
+        hashed, picture = prepared if isinstance(prepared, tuple) else (prepared, None)
+        return Features(hashed.sha256, hashed.phash, hashed.low_detail, hashed.detail, versions=self.versions), picture
 
     def finish(self, prepared: list) -> list[Features | DeadLetterError]:
         """Embed every successfully decoded image in one batch per embedder."""
+        prepared = [p if isinstance(p, DeadLetterError) else self._features(p) for p in prepared]
         ok = [i for i, p in enumerate(prepared) if not isinstance(p, DeadLetterError)]
         out: list = [p if isinstance(p, DeadLetterError) else p[0] for p in prepared]
         for embedder in self.embedders if ok else []:
@@ -215,8 +224,8 @@ class Pipeline:
         """Parse, and start fetching, decoding and hashing every upsert on the pool. No Redis yet, so a
         worker can submit batch n+1 and then complete batch n while the pool works."""
         parsed = [self._parse(r) for r in records]
-        prepared = {i: self.extractor.start(p) for i, p in enumerate(parsed)
-                    if isinstance(p, messages.ImageEvent) and p.op == "upsert"}
+        upserts = [i for i, p in enumerate(parsed) if isinstance(p, messages.ImageEvent) and p.op == "upsert"]
+        prepared = dict(zip(upserts, self.extractor.start([parsed[i] for i in upserts])))
         return Pending(records, parsed, prepared)
 
     def complete(self, pending: Pending) -> list[Output]:

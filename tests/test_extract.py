@@ -1,0 +1,84 @@
+"""Decoding in child processes (IMGDEDUP_DECODE_PROCESSES): the same answers as the decode threads,
+dead letters that survive the trip back, and a worker that outlives a decoder process dying."""
+
+from __future__ import annotations
+
+import base64
+import os
+import pickle
+
+import pytest
+
+from imgdedup import messages, metrics
+from imgdedup.config import load_settings
+from imgdedup.errors import DeadLetterError, ErrorCode
+from imgdedup.extract import DecodeProcesses
+from imgdedup.pipeline import FeatureExtractor
+
+
+class KillsTheDecoder:
+    """An image source whose unpickling ends the process that receives it, as a codec crashing on
+    hostile bytes would (deterministic: no real crashing input is needed)."""
+
+    def __reduce__(self):
+        return os._exit, (70,)
+
+
+def event(image: dict) -> messages.ImageEvent:
+    return messages.parse_event(messages.encode({"event_id": "e", "image_id": "i", "image": image}))
+
+
+@pytest.fixture(scope="module")
+def settings(corpus_dir):
+    return load_settings(file_roots=[str(corpus_dir)], decode_processes=2, sscd_enabled=False)
+
+
+@pytest.fixture(scope="module")
+def in_processes(settings):
+    extractor = FeatureExtractor(settings, embedders=[])
+    yield extractor
+    extractor.close()
+
+
+def test_processes_answer_what_the_threads_answer(settings, in_processes, corpus_files):
+    on_threads = FeatureExtractor(settings.model_copy(update={"decode_processes": 0}), embedders=[])
+    try:
+        assert in_processes.processes is not None and on_threads.processes is None
+        files = corpus_files[:12]
+        sources = [{"uri": f.as_uri()} for f in files[:6]]
+        sources += [{"data": base64.b64encode(f.read_bytes()).decode()} for f in files[6:]]
+
+        def features(extractor):
+            done = extractor.finish([f.result(timeout=60) for f in extractor.start([event(s) for s in sources])])
+            return [(f.sha256, f.phash, f.low_detail, f.detail) for f in done]
+
+        assert features(in_processes) == features(on_threads)
+    finally:
+        on_threads.close()
+
+
+def test_dead_letters_come_back_from_the_child_with_their_code(in_processes, tmp_path):
+    not_image, outside = in_processes.start([event({"data": base64.b64encode(b"plain text, not pixels").decode()}),
+                                             event({"uri": (tmp_path / "x.jpg").as_uri()})])
+    assert not_image.result(timeout=60).code is ErrorCode.NOT_AN_IMAGE
+    assert outside.result(timeout=60).code is ErrorCode.URI_NOT_ALLOWED
+    error = DeadLetterError(ErrorCode.DECODE_FAILED, "truncated")
+    assert (pickle.loads(pickle.dumps(error)).code, str(pickle.loads(pickle.dumps(error)))) == (error.code, str(error))
+
+
+def test_an_image_that_kills_its_decoder_is_a_dead_letter_and_the_others_still_get_features(settings, corpus_files):
+    procs = DecodeProcesses(settings, 2)
+    deaths = metrics.DECODER_DEATHS._value.get()
+    try:
+        good = [{"uri": f.as_uri()} for f in corpus_files[:8]]
+        futures = procs.submit(good[:4] + [KillsTheDecoder()] + good[4:])  # in chunks of 2: one good image shares the killer's
+        answers = [f.result(timeout=120) for f in futures]
+        killer = answers.pop(4)
+        assert isinstance(killer, DeadLetterError) and killer.code is ErrorCode.DECODE_FAILED
+        assert all(not isinstance(a, DeadLetterError) for a in answers), answers
+        assert metrics.DECODER_DEATHS._value.get() > deaths
+        # the pool that replaced the broken one keeps working
+        after = procs.submit([good[0]])[0].result(timeout=60)
+        assert after.sha256 == answers[0].sha256
+    finally:
+        procs.close()
