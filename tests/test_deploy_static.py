@@ -105,6 +105,28 @@ def test_vector_shard_alert_fires_above_500_times_the_query_ef(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_decoder_death_alert_fires_per_instance_and_clears(tmp_path):
+    """promtool's rule unit test: one death on w1 fires for w1 only, and 15 minutes later it is gone."""
+    series = [
+        {"series": 'imgdedup_decoder_process_deaths_total{instance="w1"}', "values": "0x10 1x40"},
+        {"series": 'imgdedup_decoder_process_deaths_total{instance="w2"}', "values": "0x50"},
+    ]
+    (rule,) = [r for r in alert_rules() if r["alert"] == "ImgdedupDecoderProcessDied"]
+    tests = {"rule_files": [str(PROM / "alerts.yml")], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "alert_rule_test": [
+            {"eval_time": "5m", "alertname": "ImgdedupDecoderProcessDied", "exp_alerts": []},
+            {"eval_time": "15m", "alertname": "ImgdedupDecoderProcessDied", "exp_alerts": [{
+                "exp_labels": {"severity": "warning", "instance": "w1"},
+                "exp_annotations": {**rule["annotations"], "summary": "w1: 1 decoder processes died in 15 minutes"}}]},
+            {"eval_time": "40m", "alertname": "ImgdedupDecoderProcessDied", "exp_alerts": []},
+        ]}]}
+    spec = tmp_path / "decoder-death-test.yml"
+    spec.write_text(yaml.safe_dump(tests))
+    result = _run(require_tool("promtool"), "test", "rules", str(spec))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_promtool_accepts_the_compose_scrape_config():
     result = _run(require_tool("promtool"), "check", "config", str(PROM / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -63,8 +63,9 @@ MAY_BE_EMPTY = {
     "alert ImgdedupRedisMemoryNearLimit": "the test Redis has no maxmemory (ratio undefined) and is nearly empty",
     "alert ImgdedupHashBucketsCapped": "no bucket reaches mih_bucket_cap_bytes with a handful of photos",
     "alert ImgdedupVectorShardLarge": "5 vectors per shard, far below 500 x EF",
-    "Transient errors and retries [A]": "errors{dependency} appears only after a Kafka/Redis error",
-    "Transient errors and retries [B]": "retries{dependency} appears only after a Redis error",
+    "alert ImgdedupDecoderProcessDied": "no decoder process dies in a healthy run",
+    "Transient errors, retries, decoder deaths [A]": "errors{dependency} appears only after a Kafka/Redis error",
+    "Transient errors, retries, decoder deaths [B]": "retries{dependency} appears only after a Redis error",
 }
 #: Series that may not exist at all under this traffic (labelled metrics whose label never got a value).
 MAY_BE_ABSENT = {
