@@ -16,7 +16,8 @@ Keys, with what they hold:
 ``P:{ns}:seq``                              string counter: last sequence number given in ``ns``
 ``P:{ns}:order``                            hash image_id -> ``"<seq>"`` once committed (it then counts as a
                                             match for later images), ``"<seq> <canonical image_id>"``
-                                            once decided; one HMGET answers both for every candidate
+                                            once decided a duplicate (a unique image is its own
+                                            canonical); one HMGET answers both for every candidate
 ``P:rec:{ns/image_id}``                     hash: the image record (fields in :data:`RECORD_FIELDS`)
 ``P:sha:{ns/sha256}``                       set of image_ids whose bytes have this SHA-256
 ``P:mih:{ns/t/xxxx}``                       string: hash-table ``t`` bucket ``xxxx`` (hex substring), entries

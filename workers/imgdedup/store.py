@@ -203,7 +203,8 @@ class IndexStore:
 
     def _resolve(self, images: list[ImageFeatures], candidates: list[dict[str, Candidate]]) -> None:
         """Fill in each candidate's sequence number (None if uncommitted) and canonical original (None
-        if undecided): both live in the namespace's order hash, so one HMGET per image with candidates.
+        if undecided or unique: itself): both live in the namespace's order hash, so one HMGET per image
+        with candidates.
         (Reading each candidate's record instead cost one command per candidate, ~10 per image when a
         catalog holds many copies: the largest part of the worker's main-thread CPU.)"""
         pipe = self.client.pipeline(transaction=False)
@@ -219,7 +220,8 @@ class IndexStore:
         for img, res in zip(images, results):
             d = res.decision
             pipe.hset(self.keys.record(img.namespace, img.image_id), "decision", _compact_decision(d))
-            pipe.hset(self.keys.order(img.namespace), img.image_id, f"{res.seq} {d.duplicate_of or img.image_id}")
+            if d.duplicate_of:  # a unique image is its own canonical: its entry stays "<seq>" (bytes per image)
+                pipe.hset(self.keys.order(img.namespace), img.image_id, f"{res.seq} {d.duplicate_of}")
         pipe.execute()
 
     def _embedders(self, images: list[ImageFeatures], idx: list[int]) -> list[str]:
