@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import redis
 
+from imgdedup import devstack
 from imgdedup.keys import Keys
 from imgdedup.vectorindex import build_vector_index
 from imgdedup.vectorindex.vectorsets import CREATION_FLAGS, VectorSetIndex, score_to_cosine, shard_of
@@ -234,6 +236,30 @@ def test_vector_sets_are_created_with_the_fixed_flags(make_settings, redis_clien
     info = {k.decode(): v for k, v in (info.items() if isinstance(info, dict) else zip(info[::2], info[1::2]))}
     assert CREATION_FLAGS[0] == "Q8" and info["quant-type"] in (b"int8", "int8")
     assert int(info["hnsw-m"]) == CREATION_FLAGS[CREATION_FLAGS.index("M") + 1]
+
+
+def test_a_redis_with_an_append_only_file_restarts_with_every_vector(backend, make_settings, tmp_path):
+    """Production Redis persists with an append-only file, which replays the commands as they were
+    sent. Redis 8.2 cannot replay a VADD sent with CAS (its loader asserts that no command blocks, and
+    CAS does): it aborted on start-up, so this test failed while the index sent CAS."""
+    port = devstack.free_port()
+    server = devstack.start_redis(port, tmp_path / "aof", persist=True,
+                                  modules=(devstack.redisearch_module(),) if backend == "redisearch" else ())
+    settings = make_settings(vector_backend=backend, vector_shards=2, redis_url=server.address)
+    vectors = unit(np.random.default_rng(12), 40)
+    try:
+        index = build_vector_index(redis.Redis.from_url(server.address), Keys(settings.key_prefix), settings)
+        index.add("ns", "sscd", list(zip(ids(40), vectors)))
+    finally:
+        server.stop()
+    server = devstack.start_redis(port, tmp_path / "aof", persist=True,
+                                  modules=(devstack.redisearch_module(),) if backend == "redisearch" else ())
+    try:
+        index = build_vector_index(redis.Redis.from_url(server.address), Keys(settings.key_prefix), settings)
+        assert index.count("ns", "sscd") == 40
+        assert [n[0][0] for n in index.query("ns", "sscd", vectors[:5], 1)] == ids(40)[:5]
+    finally:
+        server.stop()
 
 
 # --- real embeddings --------------------------------------------------------------------------------------------

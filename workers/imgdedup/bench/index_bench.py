@@ -37,7 +37,7 @@ NS = "index-bench"
 EMBEDDER = "sscd"
 DIM = 512
 VECTOR_BATCH = 500
-#: Connections that fill the vector index at once (VADD CAS inserts in parallel; see vectorsets).
+#: Connections that fill the vector index at once (as several workers and a backfill would).
 FILL_CONNECTIONS = 3
 
 

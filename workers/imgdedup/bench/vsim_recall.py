@@ -9,7 +9,7 @@ Sets store their graphs in the RDB file: loading does not rebuild them).
 Vectors are seeded random unit vectors (the hard case for HNSW: no clusters to navigate by); each
 query is a stored vector plus Gaussian noise (cosine ~0.83 to it, as a near duplicate's descriptor
 would be) and its exact top-1 comes from a NumPy scan of all vectors. The fill and the queries go
-through the product's ``VectorSetIndex`` (Q8, M 16, VADD CAS over several connections).
+through the product's ``VectorSetIndex`` (Q8, M 16, VADD over several connections).
 
     python -m imgdedup.bench.vsim_recall --count 1000000 --workdir /tmp/vsim-1m --efs 200,500,1000,2000
 """

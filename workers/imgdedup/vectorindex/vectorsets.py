@@ -26,11 +26,11 @@ from imgdedup.vectorindex.base import Neighbours, VectorIndex, as_matrix, fp32_b
 #: answers "quantization mismatch" / "M value mismatch". Q8 stores int8 (4x less memory than
 #: NOQUANT); M is the HNSW graph degree (Redis' default, 16).
 CREATION_FLAGS = ("Q8", "M", 16)
-#: VADD option (not a creation flag): Redis collects the new node's neighbour candidates on a
-#: background thread, so VADDs from several connections (workers, a backfill) insert in parallel.
-#: Measured on 2 cores from 5k to 25k vectors: 3 connections with CAS 1,060 VADD/s, 1 connection
-#: 630-643/s with or without it, 4 connections without it 517/s.
-VADD_OPTIONS = ("CAS",)
+#: VADD options (not creation flags). None: ``CAS`` (neighbour candidates collected on a background
+#: thread, so several connections insert in parallel: 1.1-1.4x VADD/s with 3 connections, measured) is
+#: written to the append-only file as sent, and Redis 8.2 aborts when it replays it on start-up (it
+#: asserts that no replayed command blocks). A Redis that persists must be able to restart.
+VADD_OPTIONS: tuple[str, ...] = ()
 #: Search exploration factor of VSIM: higher finds true neighbours more often, costs latency; the
 #: worker passes its setting (``vector_query_ef``).
 QUERY_EF = Settings.model_fields["vector_query_ef"].default
