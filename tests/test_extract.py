@@ -79,6 +79,6 @@ def test_an_image_that_kills_its_decoder_is_a_dead_letter_and_the_others_still_g
         assert metrics.DECODER_DEATHS._value.get() > deaths
         # the pool that replaced the broken one keeps working
         after = procs.submit([good[0]])[0].result(timeout=60)
-        assert after.sha256 == answers[0].sha256
+        assert after[0].sha256 == answers[0][0].sha256
     finally:
         procs.close()

@@ -35,10 +35,9 @@ from imgdedup.fetch import Fetcher
 
 log = logging.getLogger(__name__)
 
-#: What a child answers: the features or the event's dead letter, and seconds spent per stage.
-ChildResult = tuple[HashFeatures | DeadLetterError, dict[str, float]]
 #: What `extract` answers: (features, decoded picture) or the dead letter, and seconds per stage.
-Extracted = tuple[tuple[HashFeatures, Image.Image] | DeadLetterError, dict[str, float]]
+#: A child answers the same with no picture (None): pictures stay in the child.
+Extracted = tuple[tuple[HashFeatures, Image.Image | None] | DeadLetterError, dict[str, float]]
 
 #: Chunks per decoder process that a batch is cut into: enough to balance uneven images, few enough
 #: that passing them costs little.
@@ -77,11 +76,11 @@ def extract(source: dict | bytes, fetcher: Fetcher, settings: Settings, min_side
         return DeadLetterError(ErrorCode.INTERNAL_ERROR, f"{stage}: {type(exc).__name__}: {exc}"), timings
 
 
-def _extract_chunk_in_child(sources: list[dict | bytes]) -> list[ChildResult]:
+def _extract_chunk_in_child(sources: list[dict | bytes]) -> list[Extracted]:
     out = []
     for source in sources:
         result, timings = extract(source, _child["fetcher"], _child["settings"])
-        out.append(((result if isinstance(result, DeadLetterError) else result[0]), timings))
+        out.append(((result if isinstance(result, DeadLetterError) else (result[0], None)), timings))
     return out
 
 
@@ -111,7 +110,7 @@ class DecodeProcesses:
             self._solo.shutdown(wait=True)
 
     def submit(self, sources: list[dict | bytes]) -> list[Future]:
-        """One future per source, of HashFeatures | DeadLetterError; stage timings go to the metrics.
+        """One future per source, of (HashFeatures, None) | DeadLetterError; stage timings go to the metrics.
 
         Sources travel in chunks, ~CHUNKS_PER_PROCESS per process, so the pipe and the pool's own
         bookkeeping are paid per chunk, not per image; a lone event is a chunk of one."""
@@ -171,7 +170,7 @@ def observe(timings: dict[str, float]) -> None:
         metrics.STAGE_SECONDS.labels(stage).observe(seconds)
 
 
-def _deliver(out: Future, result: ChildResult) -> None:
+def _deliver(out: Future, result: Extracted) -> None:
     value, timings = result
     observe(timings)
     _settle_one(out.set_result, value)

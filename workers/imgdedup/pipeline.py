@@ -162,8 +162,9 @@ class FeatureExtractor:
             return DeadLetterError(ErrorCode.INTERNAL_ERROR, f"fetch: {type(exc).__name__}: {exc}")
 
     def _features(self, prepared):
-        """(Features, picture or None) from what a decode thread or a child process answered."""
-        hashed, picture = prepared if isinstance(prepared, tuple) else (prepared, None)
+        """(Features, picture or None) from the (HashFeatures, picture or None) a decode thread or a
+        child process answered."""
+        hashed, picture = prepared
         return Features(hashed.sha256, hashed.phash, hashed.low_detail, hashed.detail, versions=self.versions), picture
 
     def finish(self, prepared: list) -> list[Features | DeadLetterError]:
