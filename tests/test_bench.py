@@ -141,5 +141,7 @@ def test_vsim_recall_sweep_finds_the_exact_top1_and_reuses_its_fill(tmp_path, ca
     assert "3,000 already stored" in capsys.readouterr().out
     first, second = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("first", "second"))
     assert [r["ef"] for r in first["rows"]] == [10, 200]
-    assert first["rows"][1]["recall_at_1"] == 1.0  # 3,000 vectors, EF 200: the graph search is exact here
-    assert [r["recall_at_1"] for r in second["rows"]] == [r["recall_at_1"] for r in first["rows"]]
+    # 3,000 vectors, EF 200: the graph search is exact here, before and after the reload. At EF 10 the
+    # answers may differ after it: loading picks a new entry point and reorders each node's links.
+    assert first["rows"][1]["recall_at_1"] == second["rows"][1]["recall_at_1"] == 1.0
+    assert 0 < second["rows"][0]["recall_at_1"] <= 1.0

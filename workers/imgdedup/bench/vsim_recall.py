@@ -4,7 +4,9 @@
 product's EF (200). This experiment answers what EF (or how many shards) a namespace of that size
 needs, and at what latency. Filling 1M vectors takes about an hour on 2 cores, so the filled Redis is
 saved as ``dump.rdb`` in ``--workdir`` and a rerun with the same directory starts from it (Vector
-Sets store their graphs in the RDB file: loading does not rebuild them).
+Sets store their graphs in the RDB file: loading does not rebuild them). Loading does not keep the
+entry point (it becomes the first node of the top level read back) and sorts each node's links, so
+at a small EF a rerun's answers can differ slightly from the first run's on the same links.
 
 Vectors are seeded random unit vectors (the hard case for HNSW: no clusters to navigate by); each
 query is a stored vector plus Gaussian noise (cosine ~0.83 to it, as a near duplicate's descriptor
