@@ -87,6 +87,9 @@ def test_hash_mih_vsim_memory_sections(kafka_broker, redis_server, redis_client,
     assert min(kinds) >= 0 and abs(sum(kinds) - cpu["worker"]) <= 0.1  # every thread counted once
     # read from the worker's /metrics: at least the collection made when it froze its start-up heap
     assert details["hash"]["saturation"]["worker_full_gc"] >= 1 and details["hash"]["paced"]["worker_full_gc"] >= 0
+    inside = details["hash"]["paced"]["worker_means"]  # the worker's own histograms over the paced run
+    assert inside["batch_size"] >= 1 and 0 < inside["decode_s"] < inside["processing_s"]
+    assert inside["embed_s"] is None  # no embedder in the hash tier
     assert details["mih"]["mismatched_queries"] == 0 and details["mih"]["queries_with_matches"] > 0
     assert [v["vectors"] for v in details["index"]["vsim"]] == [300, 600]
     assert all(v["recall_at_1"] >= 0.9 for v in details["index"]["vsim"])

@@ -148,6 +148,19 @@ def _gc_rows(section: str, r: dict, at: str) -> list[Row]:
     ]
 
 
+def _inside_rows(section: str, r: dict, at: str) -> list[Row]:
+    """Where the paced run's time goes inside the worker, from its own histograms (means over the run):
+    processing runs from taking an event off Kafka to its verdict's acknowledgement; fetch, decode and
+    hash are per event (in parallel), the index and produce stages per batch."""
+    means = r["paced"].get("worker_means", {})
+    rows = [Row(section, f"worker events per batch, mean, paced {at}", means.get("batch_size"), "")]
+    for name, value in means.items():
+        if name != "batch_size" and value is not None:
+            what = name.removesuffix("_s").replace("_", " ")
+            rows.append(Row(section, f"worker {what} ms, mean, paced", value * 1000, "ms"))
+    return rows
+
+
 def hash_rows(r: dict) -> list[Row]:
     sat, lat, base = r["saturation"], r["paced"], r["baselines"]
     at = _paced_label(r)
@@ -199,6 +212,7 @@ def hash_rows(r: dict) -> list[Row]:
         latency_row("hash", f"event->verdict p50 {at}", lat["latency_ms"]["p50"]),
         latency_row("hash", f"event->verdict p99 {at}", lat["latency_ms"]["p99"], max_ms=P99_TARGET_MS),
         *_gc_rows("hash", r, at),
+        *_inside_rows("hash", r, at),
     ]
 
 
@@ -229,6 +243,7 @@ def sscd_rows(r: dict) -> list[Row]:
         latency_row("sscd", f"event->verdict p50 {at}", lat["latency_ms"]["p50"]),
         latency_row("sscd", f"event->verdict p99 {at}", lat["latency_ms"]["p99"]),
         *_gc_rows("sscd", r, at),
+        *_inside_rows("sscd", r, at),
     ]
 
 

@@ -202,17 +202,46 @@ class WorkerProcess:
         self._log.close()
 
 
-def full_collections(settings: Settings) -> int:
-    """Full (generation 2) garbage collections the worker has run so far, read from its /metrics: each
-    one holds the GIL for as long as it walks the heap, so their count belongs beside the latency."""
+def worker_metrics(settings: Settings) -> dict[str, float]:
+    """The worker's counters and histogram sums/counts from its /metrics, keyed like
+    ``imgdedup_stage_seconds_sum{stage=decode}``: differences of two scrapes say what one phase cost."""
     url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as reply:
         text = reply.read().decode()
+    out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "python_gc_collections_total" and sample.labels.get("generation") == "2":
-                return int(sample.value)
-    raise RuntimeError(f"no python_gc_collections_total{{generation=\"2\"}} at {url}")
+            if sample.name.endswith(("_sum", "_count", "_total")):
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+#: Worker histograms whose mean over the paced run the bench reports (per event or per batch, as timed).
+PACED_MEANS = {
+    "batch_size": "imgdedup_batch_size",
+    "processing_s": "imgdedup_processing_seconds",
+    **{f"{stage}_s": f"imgdedup_stage_seconds{{stage={stage}}}" for stage in
+       ("fetch", "decode", "hash", "embed", "index_write", "index_query", "produce")},
+}
+
+
+def phase_summary(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Full GC passes and the mean of each PACED_MEANS histogram between two scrapes.
+
+    A full (generation 2) collection holds the GIL for as long as it walks the heap, so its count
+    belongs beside the latency; the stage means say which part of the worker the latency is spent in."""
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    gc_key = "python_gc_collections_total{generation=2}"
+    means = {}
+    for name, metric in PACED_MEANS.items():
+        base, _, labels = metric.partition("{")
+        labels = "{" + labels if labels else ""
+        count = delta(f"{base}_count{labels}")
+        means[name] = delta(f"{base}_sum{labels}") / count if count else None
+    return {"full_gc": int(delta(gc_key)), "means": means}
 
 
 def make_events(files: list[Path], namespace: str, inline: bool) -> list[dict]:
@@ -401,9 +430,11 @@ def run_stream(
             answers.watch = {"worker": worker.proc.pid, **server_pids}
             sat = saturation(batch, answers, worker, timeout_s=120 + len(batch) / 5)
             rate = rate or sat["events_per_s"] / 2
-            before = sat["worker_full_gc"] = full_collections(settings)  # since the worker started
+            before = worker_metrics(settings)
+            sat["worker_full_gc"] = phase_summary({}, before)["full_gc"]  # since the worker started
             lat = paced(files, rate, paced_seconds, answers, settings, worker, inline)
-            lat["worker_full_gc"] = full_collections(settings) - before
+            inside = phase_summary(before, worker_metrics(settings))
+            lat["worker_full_gc"], lat["worker_means"] = inside["full_gc"], inside["means"]
         finally:
             worker.stop()
     return {
