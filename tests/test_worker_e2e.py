@@ -198,3 +198,45 @@ def test_a_record_too_big_to_copy_still_gets_its_dead_letter(kafka_settings, cor
     assert "original record not copied" in dead[0]["error"]["message"]
     assert dead[0]["source"]["offset"] == 0 and messages.problems(messages.DEAD_LETTER, dead[0]) == []
     assert verdicts[0]["event_id"] == good[0]["event_id"]
+
+
+class _Acknowledged:
+    """A delivery report's message: the broker acknowledged it ``seconds`` after produce()."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def latency(self) -> float:
+        return self.seconds
+
+
+def test_latency_metrics_end_at_the_brokers_acknowledgement():
+    """The delivery callback runs at the producer's next poll, here a year after the verdict was made:
+    processing and end-to-end latency must end at the acknowledgement, not when the callback ran."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from imgdedup.config import Settings
+    from imgdedup.pipeline import InputRecord, Output
+
+    worker = Worker(Settings(), pipeline=SimpleNamespace())
+    worker.tracker.consumed("images", 0, 7)
+    processed_at = messages.parse_rfc3339("2026-11-30T00:00:00.000Z").timestamp()
+    handed = processed_at + 0.020  # the batch was taken 50 ms before its verdicts were handed over
+    started = handed - 0.050
+    message = {"namespace": "default", "verdict": "unique", "latency_ms": 30.0,
+               "processed_at": "2026-11-30T00:00:00.000Z"}
+    out = Output("verdict", None, message, InputRecord(b"{}", None, "images", 0, 7))
+
+    def observed(name: str) -> tuple[float, float]:
+        return REGISTRY.get_sample_value(f"{name}_sum"), REGISTRY.get_sample_value(f"{name}_count")
+
+    before = {n: observed(n) for n in ("imgdedup_processing_seconds", "imgdedup_end_to_end_seconds")}
+    worker._delivered(out, started, handed, None, _Acknowledged(0.004))
+    after = {n: observed(n) for n in before}
+    (p_sum0, p_n0), (p_sum1, p_n1) = before["imgdedup_processing_seconds"], after["imgdedup_processing_seconds"]
+    (e_sum0, e_n0), (e_sum1, e_n1) = before["imgdedup_end_to_end_seconds"], after["imgdedup_end_to_end_seconds"]
+    assert (p_n1 - p_n0, e_n1 - e_n0) == (1, 1)
+    assert p_sum1 - p_sum0 == pytest.approx(0.054, abs=1e-6)  # taken -> handed over -> acknowledged
+    assert e_sum1 - e_sum0 == pytest.approx(0.030 + 0.024, abs=1e-6)  # occurred -> processed -> acknowledged

@@ -177,7 +177,7 @@ class Worker:
         return None
 
     def _produce(self, topic: str, out: Output, started: float) -> None:
-        callback = partial(self._delivered, out, started)
+        callback = partial(self._delivered, out, started, time.time())
         while True:
             try:
                 self.producer.produce(topic, messages.encode(out.message), out.key, on_delivery=callback)
@@ -192,7 +192,9 @@ class Worker:
                 out.message["record"]["value"] = None
                 out.message["error"]["message"] += f" (original record not copied: {exc.args[0].str()})"
 
-    def _delivered(self, out: Output, started: float, err, msg) -> None:
+    def _delivered(self, out: Output, started: float, handed: float, err, msg) -> None:
+        """Runs at the producer's next poll, which can come a whole idle consume() after the broker's
+        acknowledgement; latencies end at the acknowledgement (``msg.latency()`` after produce())."""
         src = out.source
         if err is not None:
             metrics.ERRORS.labels("kafka").inc()
@@ -200,15 +202,16 @@ class Worker:
             key = (src.topic, src.partition)
             self.rewind[key] = min(self.rewind.get(key, src.offset), src.offset)
             return
+        acked = handed + (msg.latency() or 0.0)
         if out.kind == "verdict":
             ns = metrics.namespace_label(out.message["namespace"])
             metrics.VERDICTS.labels(out.message["verdict"], ns).inc()
             if out.message.get("latency_ms") is not None:
-                processed_delay = time.time() - messages.parse_rfc3339(out.message["processed_at"]).timestamp()
+                processed_delay = acked - messages.parse_rfc3339(out.message["processed_at"]).timestamp()
                 metrics.END_TO_END_SECONDS.observe(out.message["latency_ms"] / 1000 + max(processed_delay, 0))
         else:
             metrics.DEAD_LETTERS.labels(out.message["error"]["code"]).inc()
-        metrics.PROCESSING_SECONDS.observe(time.time() - started)
+        metrics.PROCESSING_SECONDS.observe(acked - started)
         commit_at = self.tracker.acknowledged(src.topic, src.partition, src.offset)
         if commit_at is not None and (src.topic, src.partition) in self.assigned:
             try:
