@@ -58,6 +58,18 @@ def hash_baselines(blobs: list[bytes], settings: Settings, repeat: int) -> dict[
     return out
 
 
+#: Files in the speed probe: ~1.5 s of the floor loop on this machine.
+PROBE_FILES = 300
+
+
+def speed_probe(blobs: list[bytes], settings: Settings) -> float:
+    """The floor loop's images per CPU-second on the first PROBE_FILES files, run just before and just
+    after a worker run. The worker and its baselines run minutes apart; on a VM whose host shares its
+    cores the machine's speed can change in between, and then the ratios compare different machines.
+    The probe's after/before ratio says by how much it changed."""
+    return _floor_rate((blobs[:PROBE_FILES], settings))
+
+
 def _floor_copies(blobs: list[bytes], settings: Settings, copies: int) -> list[float]:
     """Images per CPU-second of each of ``copies`` floor loops run at once in separate processes.
 

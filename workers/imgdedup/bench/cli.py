@@ -87,6 +87,8 @@ def bench_stream(
         f"then {sizes.paced_s:g}s paced at "
         + (f"{sizes.paced_rate:g} ev/s" if sizes.paced_rate else "half that rate")
     )
+    blobs = [p.read_bytes() for p in files]
+    probe_before = baselines.speed_probe(blobs, s)
     result = stream.run_stream(
         s,
         files,
@@ -97,8 +99,9 @@ def bench_stream(
         server_pids=stack.pids,
         rate=sizes.paced_rate,
     )
+    result["speed_probe"] = {"before": probe_before, "after": baselines.speed_probe(blobs, s),
+                             "files": min(len(blobs), baselines.PROBE_FILES)}
     stack.clean(stack.client(), s.key_prefix)
-    blobs = [p.read_bytes() for p in files]
     _echo(f"{phase}: baseline loops on the same {len(blobs)} files (best of {sizes.repeat})")
     if sscd:
         from imgdedup.embedders.registry import build_embedders
@@ -137,6 +140,13 @@ def _server_rows(section: str, sat: dict) -> list[Row]:
         for name in names
         if name in sat["cpu_s"] and (name != "worker processes" or sat["cpu_s"][name] > 0)  # 0: threads only
     ]
+
+
+def _probe_row(section: str, r: dict) -> Row:
+    """How much the machine's speed changed across the worker run (see baselines.speed_probe)."""
+    probe = r["speed_probe"]
+    return rate_row(section, f"machine speed after the worker run: decode floor on {probe['files']} files",
+                    probe["after"], "img/CPU-s", "the same just before the worker run", probe["before"])
 
 
 def _gc_rows(section: str, r: dict, at: str) -> list[Row]:
@@ -213,6 +223,7 @@ def hash_rows(r: dict) -> list[Row]:
         latency_row("hash", f"event->verdict p99 {at}", lat["latency_ms"]["p99"], max_ms=P99_TARGET_MS),
         *_gc_rows("hash", r, at),
         *_inside_rows("hash", r, at),
+        _probe_row("hash", r),
     ]
 
 
@@ -244,6 +255,7 @@ def sscd_rows(r: dict) -> list[Row]:
         latency_row("sscd", f"event->verdict p99 {at}", lat["latency_ms"]["p99"]),
         *_gc_rows("sscd", r, at),
         *_inside_rows("sscd", r, at),
+        _probe_row("sscd", r),
     ]
 
 
