@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(45_000, ge=1_000, description="librdkafka session.timeout.ms of the worker's group.")
     fetch_wait_max_ms: int = Field(
         10, ge=1, le=10_000, description="librdkafka fetch.wait.max.ms: the longest a broker may hold a fetch; "
-        "brokers that hold it in full (Tansu) add this to every hop's latency. Apache Kafka answers as soon as "
-        "data arrives, so there a larger value (500) only saves idle fetch requests."
+        "Tansu holds fetches even when data arrives (a hop's p99 is about half of this) and costs ~0.1 core "
+        "per idle consumer at 10. Apache Kafka answers as soon as data arrives, so there a larger value "
+        "(500) only saves idle fetch requests."
     )
 
     # --- Redis -------------------------------------------------------------------------------
