@@ -63,11 +63,11 @@ PROBE_FILES = 300
 
 
 def speed_probe(blobs: list[bytes], settings: Settings) -> float:
-    """The floor loop's images per CPU-second on the first PROBE_FILES files, run just before and just
+    """The floor loop's images per CPU-second on (up to) PROBE_FILES files, run just before and just
     after a worker run. The worker and its baselines run minutes apart; on a VM whose host shares its
     cores the machine's speed can change in between, and then the ratios compare different machines.
     The probe's after/before ratio says by how much it changed."""
-    return _floor_rate((blobs[:PROBE_FILES], settings))
+    return _floor_rate((blobs, settings))
 
 
 def _floor_copies(blobs: list[bytes], settings: Settings, copies: int) -> list[float]:

@@ -87,8 +87,8 @@ def bench_stream(
         f"then {sizes.paced_s:g}s paced at "
         + (f"{sizes.paced_rate:g} ev/s" if sizes.paced_rate else "half that rate")
     )
-    blobs = [p.read_bytes() for p in files]
-    probe_before = baselines.speed_probe(blobs, s)
+    probe = [p.read_bytes() for p in files[: baselines.PROBE_FILES]]
+    probe_before = baselines.speed_probe(probe, s)
     result = stream.run_stream(
         s,
         files,
@@ -99,9 +99,9 @@ def bench_stream(
         server_pids=stack.pids,
         rate=sizes.paced_rate,
     )
-    result["speed_probe"] = {"before": probe_before, "after": baselines.speed_probe(blobs, s),
-                             "files": min(len(blobs), baselines.PROBE_FILES)}
+    result["speed_probe"] = {"before": probe_before, "after": baselines.speed_probe(probe, s), "files": len(probe)}
     stack.clean(stack.client(), s.key_prefix)
+    blobs = [p.read_bytes() for p in files]
     _echo(f"{phase}: baseline loops on the same {len(blobs)} files (best of {sizes.repeat})")
     if sscd:
         from imgdedup.embedders.registry import build_embedders
