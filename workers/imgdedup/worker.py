@@ -177,9 +177,9 @@ class Worker:
         return None
 
     def _produce(self, topic: str, out: Output, started: float) -> None:
-        callback = partial(self._delivered, out, started, time.time())
         while True:
-            try:
+            try:  # msg.latency() in the delivery report counts from this call, not from a refused one
+                callback = partial(self._delivered, out, started, time.time())
                 self.producer.produce(topic, messages.encode(out.message), out.key, on_delivery=callback)
                 return
             except BufferError:  # local queue full: let acknowledgements drain it
