@@ -110,6 +110,14 @@ def test_sscd_section(kafka_broker, redis_server, tmp_path):
     assert doc["details"]["sscd"]["baseline"]["per_s"] > 0
 
 
+def test_speed_probe_warns_only_when_the_machine_changed_speed():
+    from imgdedup.bench.baselines import probe_warning
+
+    assert probe_warning(200.0, 190.0) is None and probe_warning(200.0, 215.0) is None
+    assert "28% slower" in probe_warning(235.0, 170.0)  # the sscd section of 2026-12-01 01:10
+    assert "15% faster" in probe_warning(200.0, 230.0)
+
+
 def test_bench_files_are_distinct_and_cached(corpus_files, tmp_path):
     bases = corpus_files[:3]
     files = bench_files(bases, 8, tmp_path)

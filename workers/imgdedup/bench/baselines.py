@@ -70,6 +70,19 @@ def speed_probe(blobs: list[bytes], settings: Settings) -> float:
     return _floor_rate((blobs, settings))
 
 
+#: How far the probe's after/before ratio may move before the bench warns that a section's ratios
+#: compare two different machines (single runs of the floor loop move by a few percent).
+PROBE_TOLERANCE = 0.10
+
+
+def probe_warning(before: float, after: float) -> str | None:
+    change = after / before - 1 if before else 0.0
+    if abs(change) <= PROBE_TOLERANCE:
+        return None
+    return (f"the machine ran the floor loop {abs(change):.0%} {'faster' if change > 0 else 'slower'} after the "
+            "worker run than before it: this section's ratios compare two different machines; rerun it")
+
+
 def _floor_copies(blobs: list[bytes], settings: Settings, copies: int) -> list[float]:
     """Images per CPU-second of each of ``copies`` floor loops run at once in separate processes.
 

@@ -100,6 +100,9 @@ def bench_stream(
         rate=sizes.paced_rate,
     )
     result["speed_probe"] = {"before": probe_before, "after": baselines.speed_probe(probe, s), "files": len(probe)}
+    warning = baselines.probe_warning(probe_before, result["speed_probe"]["after"])
+    if warning:
+        _echo(f"{phase}: WARNING {warning}")
     stack.clean(stack.client(), s.key_prefix)
     blobs = [p.read_bytes() for p in files]
     _echo(f"{phase}: baseline loops on the same {len(blobs)} files (best of {sizes.repeat})")
