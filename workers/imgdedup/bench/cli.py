@@ -165,8 +165,8 @@ def _inside_rows(section: str, r: dict, at: str) -> list[Row]:
     """Where the paced run's time goes inside the worker, from its own histograms (means over the run):
     processing runs from taking an event off Kafka to its verdict's acknowledgement; fetch, decode and
     hash are per event (in parallel), the index and produce stages per batch."""
-    means = r["paced"].get("worker_means", {})
-    rows = [Row(section, f"worker events per batch, mean, paced {at}", means.get("batch_size"), "")]
+    means = r["paced"]["worker_means"]
+    rows = [Row(section, f"worker events per batch, mean, paced {at}", means["batch_size"], "")]
     for name, value in means.items():
         if name != "batch_size" and value is not None:
             what = name.removesuffix("_s").replace("_", " ")

@@ -218,10 +218,11 @@ def worker_metrics(settings: Settings) -> dict[str, float]:
 
 
 #: Worker histograms whose mean over the paced run the bench reports (per event or per batch, as timed).
+#: name -> (histogram, labels as worker_metrics writes them).
 PACED_MEANS = {
-    "batch_size": "imgdedup_batch_size",
-    "processing_s": "imgdedup_processing_seconds",
-    **{f"{stage}_s": f"imgdedup_stage_seconds{{stage={stage}}}" for stage in
+    "batch_size": ("imgdedup_batch_size", ""),
+    "processing_s": ("imgdedup_processing_seconds", ""),
+    **{f"{stage}_s": ("imgdedup_stage_seconds", f"{{stage={stage}}}") for stage in
        ("fetch", "decode", "hash", "embed", "index_write", "index_query", "produce")},
 }
 
@@ -236,11 +237,9 @@ def phase_summary(before: dict[str, float], after: dict[str, float]) -> dict:
 
     gc_key = "python_gc_collections_total{generation=2}"
     means = {}
-    for name, metric in PACED_MEANS.items():
-        base, _, labels = metric.partition("{")
-        labels = "{" + labels if labels else ""
-        count = delta(f"{base}_count{labels}")
-        means[name] = delta(f"{base}_sum{labels}") / count if count else None
+    for name, (histogram, labels) in PACED_MEANS.items():
+        count = delta(f"{histogram}_count{labels}")
+        means[name] = delta(f"{histogram}_sum{labels}") / count if count else None
     return {"full_gc": int(delta(gc_key)), "means": means}
 
 
