@@ -35,12 +35,7 @@ _MAX_PHASH = (1 << 64) - 1
 _SENTINEL = "\x00substring\x00"
 _NEWLINE = ord("\n")
 _FULL = -1
-#: Hex digit value of each byte (entries are written by us: lowercase hex only).
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_HEX_VALUE = np.zeros(256, dtype=np.uint64)
-_HEX_VALUE[_HEX_DIGITS] = np.arange(16, dtype=np.uint64)
-_HEX_OFFSETS = np.arange(16)
-_HEX_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
 
 # KEYS[1] = a bucket, ARGV[1] = the entry (ends with a newline), ARGV[2] = the cap in bytes.
 # Returns 1 if appended, 0 if it was there already, -1 if it would take the bucket over the cap.
@@ -271,8 +266,7 @@ def _verify(queries: list[tuple[int, int]], probes: list[int], buckets: list[lis
         ends = np.flatnonzero(raw == _NEWLINE)
         starts = np.concatenate(([0], ends[:-1] + 1))
         owner = np.searchsorted(np.cumsum([len(part) for part in parts]), starts, side="right")
-        digits = _HEX_VALUE[raw[starts[:, None] + _HEX_OFFSETS]]
-        hashes = np.bitwise_or.reduce(digits << _HEX_SHIFTS, axis=1)
+        hashes = _hex_prefixes(raw, starts)
         wanted = np.array([phash for phash, _ in queries], dtype=np.uint64)
         radii = np.array([radius for _, radius in queries])
         distances = np.bitwise_count(hashes ^ wanted[owner])
@@ -284,6 +278,17 @@ def _verify(queries: list[tuple[int, int]], probes: list[int], buckets: list[lis
         QueryResult(sorted(found.items(), key=lambda m: (m[1], m[0])), probe_count, count)
         for found, probe_count, count in zip(best, probes, counts)
     ]
+
+
+def _hex_prefixes(raw: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The pHash written as 16 hex digits at each start, as uint64.
+
+    Each entry's digits are copied out as a row of a 16-byte sliding view of the buffer, and all of them
+    decoded at once by ``bytes.fromhex`` in C. For the ~2,900 entries of a radius-8 query at 1M hashes
+    this took 0.12 ms, against 0.43-0.55 ms for a table lookup, shift and OR per digit in NumPy (ad hoc
+    timings of both on one such buffer)."""
+    rows = np.ndarray((len(raw) - 15, 16), np.uint8, raw, 0, (1, 1))[starts]
+    return np.frombuffer(bytes.fromhex(rows.tobytes().decode("ascii")), dtype=">u8").astype(np.uint64)
 
 
 def _mget_direct(client: redis.Redis, plans: list[list[bytes]]) -> list[list[bytes | None]]:
