@@ -69,6 +69,9 @@ def check_stream(details: dict, events: int) -> None:
     assert sum(paced["outcomes"].values()) == paced["events"] and "dead_letter" not in paced["outcomes"]
     assert paced["latency_ms"]["n"] == paced["events"] and paced["latency_ms"]["p50"] > 0
     assert sat["worker_cpu_s"] >= 0 and sat["events_per_s"] > 0
+    floor = details["kafka_floor"]  # the Kafka path alone at the paced rate: every event came back
+    assert floor["rate"] == paced["target_rate"] and floor["latency_ms"]["n"] == floor["events"] == paced["events"]
+    assert floor["latency_ms"]["p50"] > 0
 
 
 def test_hash_mih_vsim_memory_sections(kafka_broker, redis_server, redis_client, tmp_path):

@@ -78,7 +78,7 @@ def bench_stream(
     stack, settings, files: list[Path], roots: list[Path], sizes: Sizes, out: Path, inline: bool, sscd: bool
 ) -> dict:
     """One worker process through Kafka (saturated, then paced at half that rate) plus its baselines."""
-    from imgdedup.bench import baselines, stream
+    from imgdedup.bench import baselines, kafka_floor, stream
 
     phase = "sscd" if sscd else "hash"
     s = stream.stream_settings(settings, roots, sscd)
@@ -104,6 +104,9 @@ def bench_stream(
     if warning:
         _echo(f"{phase}: WARNING {warning}")
     stack.clean(stack.client(), s.key_prefix)
+    rate = result["paced"]["target_rate"]
+    _echo(f"{phase}: the Kafka path alone at {rate:.0f} ev/s for {sizes.paced_s:g}s (no worker)")
+    result["kafka_floor"] = kafka_floor.run_kafka_floor(s, rate, sizes.paced_s)
     blobs = [p.read_bytes() for p in files]
     _echo(f"{phase}: baseline loops on the same {len(blobs)} files (best of {sizes.repeat})")
     if sscd:
@@ -174,8 +177,19 @@ def _inside_rows(section: str, r: dict, at: str) -> list[Row]:
     return rows
 
 
+def _latency_rows(section: str, r: dict, at: str, p99_target_ms: float | None = None) -> list[Row]:
+    """p50 and p99 of the paced run, each against the Kafka path alone at the same rate (kafka_floor.py):
+    the share of the latency that the broker hops and clients take before any work of the worker."""
+    lat, floor = r["paced"]["latency_ms"], r.get("kafka_floor", {}).get("latency_ms", {})
+    base = "Kafka path alone, same rate" if floor else ""
+    return [
+        latency_row(section, f"event->verdict p50 {at}", lat["p50"], base, floor.get("p50")),
+        latency_row(section, f"event->verdict p99 {at}", lat["p99"], base, floor.get("p99"), max_ms=p99_target_ms),
+    ]
+
+
 def hash_rows(r: dict) -> list[Row]:
-    sat, lat, base = r["saturation"], r["paced"], r["baselines"]
+    sat, base = r["saturation"], r["baselines"]
     at = _paced_label(r)
     return [
         rate_row(
@@ -222,8 +236,7 @@ def hash_rows(r: dict) -> list[Row]:
         ),
         Row("hash", "worker CPU cores used (saturated)", sat["worker_cores"], "cores"),
         *_server_rows("hash", sat),
-        latency_row("hash", f"event->verdict p50 {at}", lat["latency_ms"]["p50"]),
-        latency_row("hash", f"event->verdict p99 {at}", lat["latency_ms"]["p99"], max_ms=P99_TARGET_MS),
+        *_latency_rows("hash", r, at, P99_TARGET_MS),
         *_gc_rows("hash", r, at),
         *_inside_rows("hash", r, at),
         _probe_row("hash", r),
@@ -231,7 +244,7 @@ def hash_rows(r: dict) -> list[Row]:
 
 
 def sscd_rows(r: dict) -> list[Row]:
-    sat, lat, base = r["saturation"], r["paced"], r["baseline"]
+    sat, base = r["saturation"], r["baseline"]
     at = _paced_label(r)
     absolute = sat["events_per_s"]
     return [
@@ -254,8 +267,7 @@ def sscd_rows(r: dict) -> list[Row]:
         ),
         Row("sscd", "worker CPU cores used (saturated)", sat["worker_cores"], "cores"),
         *_server_rows("sscd", sat),
-        latency_row("sscd", f"event->verdict p50 {at}", lat["latency_ms"]["p50"]),
-        latency_row("sscd", f"event->verdict p99 {at}", lat["latency_ms"]["p99"]),
+        *_latency_rows("sscd", r, at),
         *_gc_rows("sscd", r, at),
         *_inside_rows("sscd", r, at),
         _probe_row("sscd", r),
