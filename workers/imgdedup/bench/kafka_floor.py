@@ -11,7 +11,6 @@ worker's latency that no work inside the worker can remove.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from functools import partial
 
@@ -19,7 +18,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from imgdedup import devstack, messages
 from imgdedup.bench.report import percentiles_ms
-from imgdedup.bench.stream import AnswerReader, Answers, _offer
+from imgdedup.bench.stream import AnswerReader, Answers, offer, wait_for
 from imgdedup.config import Settings
 from imgdedup.kafka_io import consumer_config, producer_config
 
@@ -78,26 +77,13 @@ def run_kafka_floor(settings: Settings, rate: float, seconds: float, timeout_s: 
     producer = Producer(producer_config(s, **{"linger.ms": 0}))
     with AnswerReader(s, answers), Forwarder(s):
         warm, events = events[0], events[1:]
-        _offer(producer, s, [warm], rate)  # connects the producer and waits out the group join
+        offer(producer, s, [warm], rate)  # connects the producer and waits out the group join
         producer.flush(30)
-        _wait(answers, [warm["event_id"]], timeout_s)
-        sent, _ = _offer(producer, s, events, rate)
+        wait_for(answers, [warm["event_id"]], None, timeout_s)
+        sent, _ = offer(producer, s, events, rate)
         producer.flush(30)
-        _wait(answers, list(sent), timeout_s + seconds)
+        wait_for(answers, sent, None, timeout_s + seconds)
     with answers.lock:
         latencies = [answers.got[eid][0] - t for eid, (t, _) in sent.items()]
     return {"rate": rate, "events": count, "latency_ms": percentiles_ms(latencies)}
-
-
-def _wait(answers: Answers, event_ids: list[str], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    wanted = set(event_ids)
-    while True:
-        with answers.lock:
-            missing = len(wanted - answers.got.keys())
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{missing} of {len(wanted)} forwarded events not received after {timeout_s:.0f}s")
-        time.sleep(0.05)
 

@@ -268,7 +268,8 @@ def cycle_events(files: list[Path], count: int, namespace: str, inline: bool) ->
     return events
 
 
-def wait_for(answers: Answers, event_ids, worker: WorkerProcess, timeout_s: float) -> None:
+def wait_for(answers: Answers, event_ids, worker: WorkerProcess | None, timeout_s: float) -> None:
+    """Until every event has its answer; raises if the worker (when there is one) exits or time runs out."""
     wanted = set(event_ids)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -276,11 +277,11 @@ def wait_for(answers: Answers, event_ids, worker: WorkerProcess, timeout_s: floa
             missing = len(wanted - answers.got.keys())
         if not missing:
             return
-        worker.check()
+        if worker is not None:
+            worker.check()
         if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{missing} of {len(wanted)} answers missing after {timeout_s:.0f}s; see {worker.log_path}"
-            )
+            where = f"; see {worker.log_path}" if worker is not None else ""
+            raise TimeoutError(f"{missing} of {len(wanted)} answers missing after {timeout_s:.0f}s{where}")
         time.sleep(0.05)
 
 
@@ -323,7 +324,7 @@ def paced(
     _send(producer, settings, warm)
     producer.flush(30)
     wait_for(answers, [warm["event_id"]], worker, 60)
-    sent, offered_s = _offer(producer, settings, events, rate)
+    sent, offered_s = offer(producer, settings, events, rate)
     if producer.flush(30):
         raise RuntimeError("paced events not delivered to the broker")
     wait_for(answers, sent, worker, 60 + seconds)
@@ -358,7 +359,7 @@ def _send(producer: Producer, settings: Settings, event: dict) -> None:
     producer.poll(0)
 
 
-def _offer(producer: Producer, settings: Settings, events: list[dict], rate: float):
+def offer(producer: Producer, settings: Settings, events: list[dict], rate: float):
     """Produce on a fixed schedule; ({event_id: (monotonic, wall) handed to the producer}, seconds taken)."""
     sent: dict[str, tuple[float, float]] = {}
     start = time.monotonic()
