@@ -28,7 +28,7 @@ import redis
 from imgdedup import metrics, roundtrip
 from imgdedup.keys import Keys
 from imgdedup.lua import queue_eval
-from imgdedup.mih import format_substring, probe_count, probe_masks, split, table_radii, width_of
+from imgdedup.mih import format_substring, mask_count, probe_count, probe_masks, split, table_radii, width_of
 from imgdedup.roundtrip import Finish, is_standalone
 
 _MAX_PHASH = (1 << 64) - 1
@@ -225,12 +225,11 @@ class PHashIndex:
                 raise ValueError(f"radius {radius} with {self.tables} tables needs "
                                  f"{probe_count(radius, self.tables)} probes (> max_probes {self.max_probes})")
             rows = split(np.array([_check_phash(queries[i][0]) for i in members], dtype=np.uint64), self.tables)
-            for table, table_radius in enumerate(table_radii(radius, self.tables)):
-                if table_radius < 0:
-                    continue
-                values = rows[:, table, None] ^ probe_masks(self.width, table_radius)[None, :]
-                for i, keys in zip(members, _keys_of(*templates[table], values, self.width)):
-                    plans[i] += keys
+            radii = table_radii(radius, self.tables)
+            values = np.concatenate([rows[:, t, None] ^ probe_masks(self.width, r)[None, :]
+                                     for t, r in enumerate(radii) if r >= 0], axis=1)
+            for i, keys in zip(members, _keys_of(_frame(templates, tuple(radii), self.width), values, self.width)):
+                plans[i] = keys
         return plans
 
     # --- introspection -------------------------------------------------------------------------
@@ -342,20 +341,43 @@ def _templates(keys: Keys, ns: str, tables: int) -> tuple[tuple[bytes, bytes], .
     return tuple(out)
 
 
-def _keys_of(head: bytes, tail: bytes, substrings: np.ndarray, width: int) -> list[list[bytes]]:
-    """``head + hex(substring) + tail`` for each row of a 2-D array of substrings, as lists of bytes.
-
-    Every key of a table has the same length, so the keys are rows of one uint8 array, read out as
-    fixed-size byte strings (NumPy strips trailing NULs from those: a key ends with ``}``).
-    """
+@lru_cache(maxsize=256)
+def _frame(templates: tuple[tuple[bytes, bytes], ...], radii: tuple[int, ...], width: int):
+    """Every probe key of one query with its substring digits left blank, one uint8 row per key in probe
+    order (table by table), and the row ranges whose digits start at the same column (one range unless
+    the table numbers have one and two digits). Shorter rows end in NULs, which ``_keys_of`` drops."""
     digits = width // 4
-    size = len(head) + digits + len(tail)
-    out = np.empty((*substrings.shape, size), dtype=np.uint8)
-    out[..., : len(head)] = np.frombuffer(head, dtype=np.uint8)
+    tables = [(templates[t], mask_count(width, r)) for t, r in enumerate(radii) if r >= 0]
+    size = max(len(head) + digits + len(tail) for (head, tail), _ in tables)
+    frame = np.zeros((sum(count for _, count in tables), size), dtype=np.uint8)
+    groups: dict[int, list[int]] = {}  # digits' first column -> [first row, end row]
+    row = 0
+    for (head, tail), count in tables:
+        frame[row : row + count, : len(head)] = np.frombuffer(head, dtype=np.uint8)
+        at = len(head) + digits
+        frame[row : row + count, at : at + len(tail)] = np.frombuffer(tail, dtype=np.uint8)
+        groups.setdefault(len(head), [row, row + count])[1] = row + count
+        row += count
+    frame.setflags(write=False)
+    return frame, tuple((start, first, end) for start, (first, end) in groups.items())
+
+
+def _keys_of(frame, substrings: np.ndarray, width: int) -> list[list[bytes]]:
+    """The probe keys of each row of a 2-D array of substrings (one row per query, one column per probe,
+    in the frame's row order), as lists of bytes.
+
+    The keys are rows of one uint8 array, copied from the frame with each substring's hex digits filled
+    in, and read out as fixed-size byte strings (NumPy drops the trailing NULs; a key ends with ``}``):
+    one NumPy pass for every table of every query."""
+    template, groups = frame
+    digits = width // 4
+    out = np.empty((substrings.shape[0], *template.shape), dtype=np.uint8)
+    out[...] = template
     shifts = np.arange(4 * (digits - 1), -1, -4, dtype=np.uint64)
-    out[..., len(head) : len(head) + digits] = _HEX_DIGITS[(substrings[..., None] >> shifts) & np.uint64(15)]
-    out[..., len(head) + digits :] = np.frombuffer(tail, dtype=np.uint8)
-    return out.view(f"S{size}")[..., 0].tolist()
+    hex_digits = _HEX_DIGITS[(substrings[..., None] >> shifts) & np.uint64(15)]
+    for start, first, end in groups:
+        out[:, first:end, start : start + digits] = hex_digits[:, first:end]
+    return out.view(f"S{template.shape[1]}")[..., 0].tolist()
 
 
 def _entry(image_id: str, phash: int) -> bytes:
