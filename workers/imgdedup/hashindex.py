@@ -341,7 +341,8 @@ def _templates(keys: Keys, ns: str, tables: int) -> tuple[tuple[bytes, bytes], .
     return tuple(out)
 
 
-@lru_cache(maxsize=256)
+#: One frame per (namespace, radius) in use: ~7.5 KB at radius 8, so 1,024 of them for many tenants cost ~8 MB.
+@lru_cache(maxsize=1024)
 def _frame(templates: tuple[tuple[bytes, bytes], ...], radii: tuple[int, ...], width: int):
     """Every probe key of one query with its substring digits left blank, one uint8 row per key in probe
     order (table by table), and the row ranges whose digits start at the same column (one range unless
