@@ -341,7 +341,7 @@ def _templates(keys: Keys, ns: str, tables: int) -> tuple[tuple[bytes, bytes], .
     return tuple(out)
 
 
-#: One frame per (namespace, radius) in use: ~7.5 KB at radius 8, so 1,024 of them for many tenants cost ~8 MB.
+#: One frame per (namespace, radius) in use: ~7 KB at radius 8, so 1,024 of them for many tenants cost ~7 MB.
 @lru_cache(maxsize=1024)
 def _frame(templates: tuple[tuple[bytes, bytes], ...], radii: tuple[int, ...], width: int):
     """Every probe key of one query with its substring digits left blank, one uint8 row per key in probe
