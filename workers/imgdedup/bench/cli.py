@@ -180,11 +180,11 @@ def _inside_rows(section: str, r: dict, at: str) -> list[Row]:
 def _latency_rows(section: str, r: dict, at: str, p99_target_ms: float | None = None) -> list[Row]:
     """p50 and p99 of the paced run, each against the Kafka path alone at the same rate (kafka_floor.py):
     the share of the latency that the broker hops and clients take before any work of the worker."""
-    lat, floor = r["paced"]["latency_ms"], r.get("kafka_floor", {}).get("latency_ms", {})
-    base = "Kafka path alone, same rate" if floor else ""
+    lat, floor = r["paced"]["latency_ms"], r["kafka_floor"]["latency_ms"]
+    base = "Kafka path alone, same rate"
     return [
-        latency_row(section, f"event->verdict p50 {at}", lat["p50"], base, floor.get("p50")),
-        latency_row(section, f"event->verdict p99 {at}", lat["p99"], base, floor.get("p99"), max_ms=p99_target_ms),
+        latency_row(section, f"event->verdict p50 {at}", lat["p50"], base, floor["p50"]),
+        latency_row(section, f"event->verdict p99 {at}", lat["p99"], base, floor["p99"], max_ms=p99_target_ms),
     ]
 
 
