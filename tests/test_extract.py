@@ -1,5 +1,6 @@
-"""Decoding in child processes (IMGDEDUP_DECODE_PROCESSES): the same answers as the decode threads,
-dead letters that survive the trip back, and a worker that outlives a decoder process dying."""
+"""Decoding in child processes (IMGDEDUP_DECODE_PROCESSES): the same answers as the decode threads
+(SSCD vectors included, which the children compute themselves), dead letters that survive the trip
+back, and a worker that outlives a decoder process dying."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import base64
 import os
 import pickle
 
+import numpy as np
 import pytest
 
 from imgdedup import messages, metrics
@@ -79,6 +81,46 @@ def test_an_image_that_kills_its_decoder_is_a_dead_letter_and_the_others_still_g
         assert metrics.DECODER_DEATHS._value.get() > deaths
         # the pool that replaced the broken one keeps working
         after = procs.submit([good[0]])[0].result(timeout=60)
-        assert after[0].sha256 == answers[0][0].sha256
+        assert after.features.sha256 == answers[0].features.sha256
     finally:
         procs.close()
+
+
+def test_sscd_runs_in_the_children_and_matches_the_threads(corpus_dir, corpus_files):
+    pytest.importorskip("onnxruntime")
+    settings = load_settings(file_roots=[str(corpus_dir)], decode_processes=2, sscd_enabled=True)
+    in_children = FeatureExtractor(settings)
+    on_threads = FeatureExtractor(settings.model_copy(update={"decode_processes": 0}))
+    try:
+        assert in_children.processes is not None and on_threads.processes is None
+        events = [event({"uri": f.as_uri()}) for f in corpus_files[:10]]
+        events.insert(3, event({"data": base64.b64encode(b"GIF89a, then nothing").decode()}))
+        prepared = [f.result(timeout=120) for f in in_children.start(events)]
+        assert all(p.picture is None and set(p.vectors) == {"sscd"} for i, p in enumerate(prepared) if i != 3)
+        got = in_children.finish(prepared)
+        want = on_threads.finish([f.result(timeout=120) for f in on_threads.start(events)])
+        assert isinstance(got[3], DeadLetterError) and isinstance(want[3], DeadLetterError)
+        assert got[3].code is want[3].code
+        del got[3], want[3]
+        assert [(g.sha256, g.phash) for g in got] == [(w.sha256, w.phash) for w in want]
+        # one ONNX thread per child and smaller batches: the same vectors up to float rounding
+        np.testing.assert_allclose(np.stack([g.vectors["sscd"] for g in got]),
+                                   np.stack([w.vectors["sscd"] for w in want]), atol=1e-4)
+        assert got[0].versions == want[0].versions and "sscd" in got[0].versions
+    finally:
+        in_children.close()
+        on_threads.close()
+
+
+def test_embedders_handed_in_keep_decoding_on_threads(settings):
+    class Fixed:
+        name, version, dim, in_decoder_processes = "fixed", "fixed-v1", 2, True
+
+        def embed(self, images):
+            return np.tile(np.array([[1.0, 0.0]], dtype=np.float32), (len(images), 1))
+
+    extractor = FeatureExtractor(settings, embedders=[Fixed()])
+    try:
+        assert extractor.processes is None  # the children could not build this very object
+    finally:
+        extractor.close()

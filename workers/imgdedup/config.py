@@ -81,9 +81,9 @@ class Settings(BaseSettings):
     decode_processes: int = Field(
         default_factory=lambda: len(os.sched_getaffinity(0)), ge=0, le=256,
         json_schema_extra={"documented_default": "CPUs usable"},
-        description="Child processes that read, decode and hash images in place of the decode threads when no "
-        "embedder needs the picture (hash tier only): each has its own GIL, and a codec that crashes takes "
-        "down one child, not the worker. 0: always decode on the threads.",
+        description="Child processes that read, decode, hash and SSCD-embed images in place of the decode threads "
+        "(unless CLIP is enabled: it needs every picture in the worker): each has its own GIL, and a codec that "
+        "crashes takes down one child, not the worker. 0: always decode on the threads.",
     )
     draft_decode: bool = Field(True, description="Let JPEG decoding scale down in the DCT domain (fast path).")
 
@@ -115,7 +115,8 @@ class Settings(BaseSettings):
     clip_checkpoint: Path | None = Field(None, description="Local checkpoint file; overrides clip_pretrained.")
     clip_threshold: float = Field(0.95, ge=-1, le=1, description="CLIP cosine counted as a duplicate, if enabled.")
     clip_is_duplicate_signal: bool = Field(False, description="Let CLIP similarity alone make a near duplicate.")
-    embed_threads: int = Field(2, ge=1, le=64, description="Threads of the ONNX/torch runtimes.")
+    embed_threads: int = Field(2, ge=1, le=64, description="Threads of the ONNX/torch runtimes (shared out among "
+                               "the decoder processes when SSCD runs there).")
     vector_backend: Literal["vectorset", "redisearch"] = Field("vectorset", description="Redis vector index.")
     vector_shards: int = Field(
         1, ge=1, le=1024, description="Vector sets per (namespace, embedder): each query searches every shard, so "

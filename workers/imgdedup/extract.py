@@ -1,12 +1,15 @@
-"""The front half of the pipeline for one image: read it, decode it, hash it; on a decode thread or in
-a child process.
+"""The front half of the pipeline for one image: read it, decode it, hash it (and, in a child process,
+embed it); on a decode thread or in a child process.
 
 Why child processes: in a saturated worker the decode threads got about one of two cores, because every
 step that holds the GIL (theirs, and the main thread's Kafka, Redis and verdict work) makes the others
-wait (README, "Benchmarks"). Used only when no embedder needs the decoded picture: copying pictures
-back would cost more than it saves. Inline and file:// images are read in the child, so only the
-event's small ``image`` object goes over and only the features come back; http(s) bytes are fetched by
-the parent's fetch threads (they hold the HTTP connection pool) and sent over.
+wait (README, "Benchmarks"). Pictures never travel back: copying them would cost more than it saves.
+So the children also run the embedders that are cheap to load in every process
+(``in_decoder_processes``: SSCD) on their share of the batch and send back only the vectors; an
+embedder that needs the picture in the worker itself (CLIP: a torch model per process would cost GBs)
+keeps the whole worker on decode threads. Inline and file:// images are read in the child, so only
+the event's small ``image`` object goes over and only the features come back; http(s) bytes are
+fetched by the parent's fetch threads (they hold the HTTP connection pool) and sent over.
 
 A child that dies (a codec crashing on hostile bytes) breaks its pool and fails every image in flight
 there. Those images are retried one at a time in a separate one-process pool; an image that kills that
@@ -23,7 +26,9 @@ import time
 from concurrent.futures import Future, InvalidStateError, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
+from typing import NamedTuple
 
+import numpy as np
 from PIL import Image
 
 from imgdedup import metrics
@@ -35,9 +40,16 @@ from imgdedup.fetch import Fetcher
 
 log = logging.getLogger(__name__)
 
-#: What `extract` answers: (features, decoded picture) or the dead letter, and seconds per stage.
-#: A child answers the same with no picture (None): pictures stay in the child.
-Extracted = tuple[tuple[HashFeatures, Image.Image | None] | DeadLetterError, dict[str, float]]
+class Prepared(NamedTuple):
+    """One image after the front half: what the pipeline's ``finish`` turns into ``Features``."""
+
+    features: HashFeatures
+    picture: Image.Image | None  # None when it stayed in a child process
+    vectors: dict[str, np.ndarray]  # embedder name -> vector, for the embedders that ran in the child
+
+
+#: What `extract` answers: the prepared image or its dead letter, and seconds per stage.
+Extracted = tuple[Prepared | DeadLetterError, dict[str, float]]
 
 #: Chunks per decoder process that a batch is cut into: enough to balance uneven images, few enough
 #: that passing them costs little.
@@ -46,11 +58,15 @@ CHUNKS_PER_PROCESS = 4
 _child: dict = {}  # in a child process: its settings and fetcher, set by _start_child
 
 
-def _start_child(settings: Settings) -> None:
+def _start_child(settings: Settings, embed: bool, min_side: int) -> None:
     # Ctrl-C reaches the whole process group: the parent drains and then shuts its pool down, which
     # ends the children; a child that died of the signal first would fail the images still in flight.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _child["settings"], _child["fetcher"] = settings, Fetcher(settings)
+    _child.update(settings=settings, fetcher=Fetcher(settings), min_side=min_side, embedders=[])
+    if embed:
+        from imgdedup.embedders.registry import build_embedders
+
+        _child["embedders"] = build_embedders(settings)
 
 
 def extract(source: dict | bytes, fetcher: Fetcher, settings: Settings, min_side: int = 0) -> Extracted:
@@ -68,7 +84,7 @@ def extract(source: dict | bytes, fetcher: Fetcher, settings: Settings, min_side
         timings["decode"], started = time.perf_counter() - started, time.perf_counter()
         hashed = hash_features(data, decoded, settings)
         timings["hash"] = time.perf_counter() - started
-        return (hashed, decoded.image), timings
+        return Prepared(hashed, decoded.image, {}), timings
     except DeadLetterError as exc:
         return exc, timings
     except Exception as exc:  # a bug triggered by one image must not take the batch down
@@ -76,19 +92,61 @@ def extract(source: dict | bytes, fetcher: Fetcher, settings: Settings, min_side
         return DeadLetterError(ErrorCode.INTERNAL_ERROR, f"{stage}: {type(exc).__name__}: {exc}"), timings
 
 
-def _extract_chunk_in_child(sources: list[dict | bytes]) -> list[Extracted]:
+def embed_pictures(embedders: list, pictures: list[Image.Image]) -> tuple[list[dict | DeadLetterError], float]:
+    """Every embedder's vector for each picture, one batch per embedder, and the seconds it took.
+
+    A picture whose vector an embedder rejects (zero, NaN, not unit length) becomes an internal_error
+    dead letter; to find it, a rejected batch is embedded again one picture at a time."""
+    out: list[dict | DeadLetterError] = [{} for _ in pictures]
+    started = time.perf_counter()
+    for embedder in embedders if pictures else []:
+        try:
+            vectors = list(embedder.embed(pictures))
+        except ValueError as exc:
+            vectors = _embed_one_by_one(embedder, pictures, exc)
+        for i, vector in enumerate(vectors):
+            if vector is None:
+                out[i] = DeadLetterError(ErrorCode.INTERNAL_ERROR, f"{embedder.name} produced an invalid vector")
+            elif not isinstance(out[i], DeadLetterError):
+                out[i][embedder.name] = vector
+    return out, time.perf_counter() - started
+
+
+def _embed_one_by_one(embedder, pictures: list[Image.Image], first_error: Exception) -> list[np.ndarray | None]:
+    log.warning("%s rejected a batch (%s); embedding one by one", embedder.name, first_error)
     out = []
-    for source in sources:
-        result, timings = extract(source, _child["fetcher"], _child["settings"])
-        out.append(((result if isinstance(result, DeadLetterError) else (result[0], None)), timings))
+    for picture in pictures:
+        try:
+            out.append(embedder.embed([picture])[0])
+        except ValueError:
+            out.append(None)
     return out
 
 
-class DecodeProcesses:
-    """A pool of child processes answering :func:`extract` (without the picture) for each submitted image."""
+def _extract_chunk_in_child(sources: list[dict | bytes]) -> list[Extracted]:
+    """Extract a chunk and embed its pictures as one batch; only features and vectors go back."""
+    out = [extract(source, _child["fetcher"], _child["settings"], _child["min_side"]) for source in sources]
+    ok = [i for i, (result, _) in enumerate(out) if not isinstance(result, DeadLetterError)]
+    if _child["embedders"] and ok:
+        vectors, seconds = embed_pictures(_child["embedders"], [out[i][0].picture for i in ok])
+        out[ok[0]][1]["embed"] = seconds  # one model call per chunk, observed once
+        for i, embedded in zip(ok, vectors):
+            result, timings = out[i]
+            out[i] = (embedded if isinstance(embedded, DeadLetterError) else Prepared(result.features, None, embedded),
+                      timings)
+    return [(r if isinstance(r, DeadLetterError) else r._replace(picture=None), t) for r, t in out]
 
-    def __init__(self, settings: Settings, processes: int):
-        self._settings, self._processes = settings, processes
+
+class DecodeProcesses:
+    """A pool of child processes answering :func:`extract` (without the picture) for each submitted image,
+    with the vectors of the enabled embedders if ``embed`` (decoded at ``min_side``, as the embedders need)."""
+
+    def __init__(self, settings: Settings, processes: int, embed: bool = False, min_side: int = 0):
+        # Each child's model gets its share of the embedding threads, so the children together use
+        # as many as one model in the worker would (more threads than cores only add contention).
+        threads = max(1, settings.embed_threads // max(1, processes))
+        self._settings, self._processes = settings.model_copy(update={"embed_threads": threads}), processes
+        self._embed, self._min_side = embed, min_side
         # forkserver: children never inherit the parent's threads (librdkafka's, the pools') or locks.
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(["imgdedup.extract"])
@@ -99,7 +157,7 @@ class DecodeProcesses:
 
     def _new_pool(self, processes: int) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(processes, mp_context=self._context, initializer=_start_child,
-                                   initargs=(self._settings,))
+                                   initargs=(self._settings, self._embed, self._min_side))
 
     def close(self) -> None:
         self._suspects.shutdown(wait=True)
@@ -110,7 +168,7 @@ class DecodeProcesses:
             self._solo.shutdown(wait=True)
 
     def submit(self, sources: list[dict | bytes]) -> list[Future]:
-        """One future per source, of (HashFeatures, None) | DeadLetterError; stage timings go to the metrics.
+        """One future per source, of Prepared (no picture) | DeadLetterError; stage timings go to the metrics.
 
         Sources travel in chunks, ~CHUNKS_PER_PROCESS per process, so the pipe and the pool's own
         bookkeeping are paid per chunk, not per image; a lone event is a chunk of one."""

@@ -22,7 +22,7 @@ from imgdedup import messages, metrics
 from imgdedup.config import Settings
 from imgdedup.decode import DRAFT_MIN_SIDE
 from imgdedup.errors import DeadLetterError, ErrorCode
-from imgdedup.extract import DecodeProcesses, extract, observe
+from imgdedup.extract import DecodeProcesses, Prepared, embed_pictures, extract, observe
 from imgdedup.features import phash_hex
 from imgdedup.fetch import Fetcher, is_network
 from imgdedup.store import ImageFeatures, IndexStore
@@ -92,6 +92,9 @@ class FeatureExtractor:
 
     def __init__(self, settings: Settings, embedders: list | None = None):
         self.settings = settings
+        # Decoder processes build their own embedders from the settings, so embedders handed in (tests,
+        # eval's variants) keep the work on threads, where those very objects run.
+        from_settings = embedders is None
         if embedders is None:
             from imgdedup.embedders.registry import build_embedders
 
@@ -103,8 +106,9 @@ class FeatureExtractor:
         # `imgdedup bench`, README "Benchmarks"), while waiting on remote servers needs many threads.
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.fetch_pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch")
-        self.processes = DecodeProcesses(settings, settings.decode_processes) \
-            if settings.decode_processes and not embedders else None
+        in_children = not embedders or (from_settings and all(e.in_decoder_processes for e in embedders))
+        self.processes = DecodeProcesses(settings, settings.decode_processes, embed=bool(embedders),
+                                         min_side=self.min_side) if settings.decode_processes and in_children else None
         self.versions = {"phash": phash_version(settings)} | {e.name: e.version for e in embedders}
 
     def close(self) -> None:
@@ -161,39 +165,21 @@ class FeatureExtractor:
             log.exception("fetch failed unexpectedly for event %s", event.event_id)
             return DeadLetterError(ErrorCode.INTERNAL_ERROR, f"fetch: {type(exc).__name__}: {exc}")
 
-    def _features(self, prepared):
-        """(Features, picture or None) from the (HashFeatures, picture or None) a decode thread or a
-        child process answered."""
-        hashed, picture = prepared
-        return Features(hashed.sha256, hashed.phash, hashed.low_detail, hashed.detail, versions=self.versions), picture
-
-    def finish(self, prepared: list) -> list[Features | DeadLetterError]:
-        """Embed every successfully decoded image in one batch per embedder."""
-        prepared = [p if isinstance(p, DeadLetterError) else self._features(p) for p in prepared]
-        ok = [i for i, p in enumerate(prepared) if not isinstance(p, DeadLetterError)]
-        out: list = [p if isinstance(p, DeadLetterError) else p[0] for p in prepared]
-        for embedder in self.embedders if ok else []:
+    def finish(self, prepared: list[Prepared | DeadLetterError]) -> list[Features | DeadLetterError]:
+        """Embed, in one batch per embedder, every decoded picture that has no vectors yet (images
+        from decoder processes come with theirs)."""
+        out: list = [p if isinstance(p, DeadLetterError) else
+                     Features(p.features.sha256, p.features.phash, p.features.low_detail, p.features.detail,
+                              vectors=dict(p.vectors), versions=self.versions) for p in prepared]
+        todo = [i for i, p in enumerate(prepared) if not isinstance(p, DeadLetterError) and p.picture is not None]
+        if todo and self.embedders:
             with metrics.STAGE_SECONDS.labels("embed").time():
-                try:
-                    vectors = embedder.embed([prepared[i][1] for i in ok])
-                except ValueError as exc:  # a rejected vector: fall back to one image at a time to isolate it
-                    vectors = self._embed_one_by_one(embedder, [prepared[i][1] for i in ok], exc)
-            for i, vector in zip(ok, vectors):
-                if vector is None:
-                    out[i] = DeadLetterError(ErrorCode.INTERNAL_ERROR, f"{embedder.name} produced an invalid vector")
-                elif not isinstance(out[i], DeadLetterError):
-                    out[i].vectors[embedder.name] = vector
-        return out
-
-    @staticmethod
-    def _embed_one_by_one(embedder, images, first_error) -> list[np.ndarray | None]:
-        log.warning("%s rejected a batch (%s); embedding one by one", embedder.name, first_error)
-        out = []
-        for image in images:
-            try:
-                out.append(embedder.embed([image])[0])
-            except ValueError:
-                out.append(None)
+                vectors, _ = embed_pictures(self.embedders, [prepared[i].picture for i in todo])
+            for i, embedded in zip(todo, vectors):
+                if isinstance(embedded, DeadLetterError):
+                    out[i] = embedded
+                else:
+                    out[i].vectors.update(embedded)
         return out
 
 

@@ -34,6 +34,9 @@ class Embedder(Protocol):
     version: str
     #: Length of each vector.
     dim: int
+    #: Cheap to load in every decoder process and fast on one thread, so it runs there beside decoding
+    #: and only its vectors travel back to the worker (imgdedup.extract); False keeps decoding on threads.
+    in_decoder_processes: bool
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         """(len(images), dim) float32, rows L2-normalised; computed in batches."""

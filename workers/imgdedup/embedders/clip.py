@@ -124,6 +124,7 @@ class ClipEmbedder:
     """An open_clip image tower in eval mode; torch's thread count is process-wide."""
 
     name = "clip"
+    in_decoder_processes = False  # a torch model per process would cost GBs of memory
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str | None = "openai", checkpoint: Path | None = None,
                  threads: int = 2):

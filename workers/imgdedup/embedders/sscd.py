@@ -89,6 +89,7 @@ class SSCDEmbedder:
 
     name = "sscd"
     dim = 512
+    in_decoder_processes = True  # a 3.5 MB (distilled) or 25 MB (int8) ONNX session per process
 
     def __init__(self, model: str = "sscd_distilled", size: int = 224, threads: int = 2,
                  policy: str = DEFAULT_POLICY):
