@@ -124,3 +124,27 @@ def test_embedders_handed_in_keep_decoding_on_threads(settings):
         assert extractor.processes is None  # the children could not build this very object
     finally:
         extractor.close()
+
+
+def test_a_rejected_vector_becomes_a_dead_letter_and_its_batch_mates_keep_theirs():
+    from PIL import Image
+
+    from imgdedup.embedders.base import validate
+    from imgdedup.extract import embed_pictures
+
+    class NaNOnBlack:
+        """Validates like the real embedders: a black picture yields a NaN row, which fails the whole batch."""
+
+        name, version, dim, in_decoder_processes = "toy", "toy-v1", 2, True
+
+        def embed(self, images):
+            rows = [[np.nan, 0.0] if im.getpixel((0, 0)) == (0, 0, 0) else [0.6, 0.8] for im in images]
+            return validate(np.array(rows, dtype=np.float32), self.dim)
+
+    pictures = [Image.new("RGB", (4, 4), colour) for colour in ("white", "black", "red")]
+    out, seconds = embed_pictures([NaNOnBlack()], pictures)
+    assert isinstance(out[1], DeadLetterError) and out[1].code is ErrorCode.INTERNAL_ERROR
+    assert "toy" in str(out[1])
+    for good in (out[0], out[2]):
+        np.testing.assert_allclose(good["toy"], [0.6, 0.8])
+    assert seconds > 0
