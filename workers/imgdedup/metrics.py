@@ -26,8 +26,9 @@ RETRIES = Counter("imgdedup_retries", "Retries after a transient error, by depen
 ERRORS = Counter("imgdedup_errors", "Transient errors from Kafka or Redis, by dependency.", ["dependency"])
 STAGE_SECONDS = Histogram(
     "imgdedup_stage_seconds",
-    "Time in each pipeline stage: per event for fetch, decode and hash (run in parallel threads); "
-    "per batch for embed, index_write, index_query and produce.",
+    "Time in each pipeline stage: per event for fetch, decode and hash (run in parallel threads or "
+    "processes); per model call for embed (a batch, or a decoder process's chunk of it); per batch for "
+    "index_write, index_query and produce.",
     ["stage"],
     buckets=_STAGE_BUCKETS,
 )
