@@ -68,8 +68,13 @@ def test_dead_letters_come_back_from_the_child_with_their_code(in_processes, tmp
     assert (pickle.loads(pickle.dumps(error)).code, str(pickle.loads(pickle.dumps(error)))) == (error.code, str(error))
 
 
-def test_an_image_that_kills_its_decoder_is_a_dead_letter_and_the_others_still_get_features(settings, corpus_files):
-    procs = DecodeProcesses(settings, 2)
+@pytest.mark.parametrize("embed", [False, True], ids=["hash-only", "with-sscd"])
+def test_an_image_that_kills_its_decoder_is_a_dead_letter_and_the_others_still_get_features(settings, corpus_files,
+                                                                                           embed):
+    if embed:
+        pytest.importorskip("onnxruntime")
+        settings = settings.model_copy(update={"sscd_enabled": True})
+    procs = DecodeProcesses(settings, 2, embed=embed, min_side=settings.sscd_input_size if embed else 0)
     deaths = metrics.DECODER_DEATHS._value.get()
     try:
         good = [{"uri": f.as_uri()} for f in corpus_files[:8]]
@@ -78,6 +83,7 @@ def test_an_image_that_kills_its_decoder_is_a_dead_letter_and_the_others_still_g
         killer = answers.pop(4)
         assert isinstance(killer, DeadLetterError) and killer.code is ErrorCode.DECODE_FAILED
         assert all(not isinstance(a, DeadLetterError) for a in answers), answers
+        assert all(set(a.vectors) == ({"sscd"} if embed else set()) for a in answers)  # the retried ones too
         assert metrics.DECODER_DEATHS._value.get() > deaths
         # the pool that replaced the broken one keeps working
         after = procs.submit([good[0]])[0].result(timeout=60)
