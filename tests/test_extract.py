@@ -99,6 +99,8 @@ def test_sscd_runs_in_the_children_and_matches_the_threads(corpus_dir, corpus_fi
     on_threads = FeatureExtractor(settings.model_copy(update={"decode_processes": 0}))
     try:
         assert in_children.processes is not None and on_threads.processes is None
+        assert in_children.layout() == "decode+hash+sscd in 2 decoder processes"
+        assert on_threads.layout() == f"decode+hash on {settings.decode_threads} decode threads; sscd on the main thread"
         events = [event({"uri": f.as_uri()}) for f in corpus_files[:10]]
         events.insert(3, event({"data": base64.b64encode(b"GIF89a, then nothing").decode()}))
         prepared = [f.result(timeout=120) for f in in_children.start(events)]

@@ -111,6 +111,15 @@ class FeatureExtractor:
                                          min_side=self.min_side) if settings.decode_processes and in_children else None
         self.versions = {"phash": phash_version(settings)} | {e.name: e.version for e in embedders}
 
+    def layout(self) -> str:
+        """Where the features are computed, for the worker's start-up log (an operator sizing CPUs and
+        memory needs to know whether the model runs in every decoder process or on the main thread)."""
+        names = "+".join(["decode", "hash", *(e.name for e in self.embedders if self.processes is not None)])
+        if self.processes is not None:
+            return f"{names} in {self.settings.decode_processes} decoder processes"
+        where = f"{names} on {self.settings.decode_threads} decode threads"
+        return where + "".join(f"; {e.name} on the main thread" for e in self.embedders)
+
     def close(self) -> None:
         self.fetch_pool.shutdown(wait=True)
         self.pool.shutdown(wait=True)

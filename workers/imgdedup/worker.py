@@ -80,7 +80,8 @@ class Worker:
                                                  stats_cb=self._stats, **{"statistics.interval.ms": 5000}))
         self.consumer.subscribe([self.settings.input_topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
-        log.info("worker consuming %s as group %s", self.settings.input_topic, self.settings.consumer_group)
+        log.info("worker consuming %s as group %s; %s", self.settings.input_topic, self.settings.consumer_group,
+                 self.pipeline.extractor.layout())
         try:
             while not self.stopping.is_set():
                 self._step()
