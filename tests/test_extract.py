@@ -156,3 +156,13 @@ def test_a_rejected_vector_becomes_a_dead_letter_and_its_batch_mates_keep_theirs
     for good in (out[0], out[2]):
         np.testing.assert_allclose(good["toy"], [0.6, 0.8])
     assert seconds > 0
+
+
+def test_warm_starts_every_decoder_process_before_the_first_image(settings):
+    procs = DecodeProcesses(settings, 2)
+    try:
+        pids = procs.warm()
+        assert len(pids) == 2 and os.getpid() not in pids
+        assert procs.warm() == pids  # already warm: the same children answer
+    finally:
+        procs.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -174,10 +175,7 @@ class DecodeProcesses:
         bookkeeping are paid per chunk, not per image; a lone event is a chunk of one."""
         outs = [Future() for _ in sources]
         size = max(1, -(-len(sources) // (CHUNKS_PER_PROCESS * self._processes)))
-        with self._lock:
-            if self._pool is None:
-                self._pool = self._new_pool(self._processes)
-            pool = self._pool
+        pool = self._current_pool()
         for start in range(0, len(sources), size):
             chunk = list(zip(sources[start:start + size], outs[start:start + size]))
             try:
@@ -186,6 +184,28 @@ class DecodeProcesses:
             except BrokenProcessPool:
                 self._suspect(chunk, pool)
         return outs
+
+    def _current_pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = self._new_pool(self._processes)
+            return self._pool
+
+    def warm(self, timeout_s: float = 120.0) -> set[int]:
+        """Start every child now and wait until each has run its initializer; returns their pids.
+
+        The pool starts its children one submit at a time, and the first batch would otherwise wait for
+        the forkserver, the imports and the SSCD session (0.2-0.7 s, measured): a worker warms up before
+        it takes its first event. Each probe sleeps a little so that one child cannot answer them all."""
+        pool, pids = self._current_pool(), set()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(pids) < self._processes and time.monotonic() < deadline:
+                probes = [pool.submit(_pid_after, 0.05) for _ in range(self._processes)]
+                pids.update(probe.result(timeout=max(0.0, deadline - time.monotonic())) for probe in probes)
+        except (BrokenProcessPool, TimeoutError) as exc:  # the first batch replaces the pool, as after any death
+            log.warning("decoder processes did not warm up: %r", exc)
+        return pids
 
     def _settle(self, done: Future, chunk: list, pool: ProcessPoolExecutor) -> None:
         if done.cancelled():
@@ -221,6 +241,11 @@ class DecodeProcesses:
         except BrokenProcessPool:
             self._solo = None
             _deliver(out, (DeadLetterError(ErrorCode.DECODE_FAILED, "the decoder process died on this image"), {}))
+
+
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def observe(timings: dict[str, float]) -> None:

@@ -120,6 +120,11 @@ class FeatureExtractor:
         where = f"{names} on {self.settings.decode_threads} decode threads"
         return where + "".join(f"; {e.name} on the main thread" for e in self.embedders)
 
+    def warm(self) -> None:
+        """Start the decoder processes (and their models) before the first event needs them."""
+        if self.processes is not None:
+            self.processes.warm()
+
     def close(self) -> None:
         self.fetch_pool.shutdown(wait=True)
         self.pool.shutdown(wait=True)

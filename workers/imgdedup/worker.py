@@ -72,6 +72,7 @@ class Worker:
         features = ",".join(f"{k}={v}" for k, v in sorted(self.pipeline.extractor.versions.items()))
         metrics.BUILD_INFO.labels(__version__, features).set(1)
         metrics.VECTOR_QUERY_EF.set(self.settings.vector_query_ef)
+        self.pipeline.extractor.warm()
         self._wait_for_redis()
         if self.stopping.is_set():
             return
