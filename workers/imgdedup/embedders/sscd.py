@@ -46,8 +46,8 @@ def trim_frame(image: Image.Image) -> Image.Image:
     itself when its four corners do not share one colour or what is inside is not a rectangle.
 
     SSCD compares what is in the square it is shown; a 10 % border shrinks the photo to two thirds of
-    that square's area and paints the rest one colour, which cost more similarity than any other edit
-    measured (README, "Vector tier"). Trimming it shows the model the same photo as the original."""
+    that square's area and paints the rest one colour: of the six edits in the resize-policy measurement
+    it cost the most similarity (README, "Vector tier"). Trimming it shows the model the original photo."""
     width, height = image.size
     corners = [image.getpixel(xy) for xy in ((0, 0), (width - 1, 0), (0, height - 1), (width - 1, height - 1))]
     if any(abs(a - b) > FRAME_TOLERANCE for corner in corners[1:] for a, b in zip(corner, corners[0])):
