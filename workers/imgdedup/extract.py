@@ -133,8 +133,7 @@ def _extract_chunk_in_child(sources: list[dict | bytes]) -> list[Extracted]:
         out[ok[0]][1]["embed"] = seconds  # one model call per chunk, observed once
         for i, embedded in zip(ok, vectors):
             result, timings = out[i]
-            out[i] = (embedded if isinstance(embedded, DeadLetterError) else Prepared(result.features, None, embedded),
-                      timings)
+            out[i] = (embedded if isinstance(embedded, DeadLetterError) else result._replace(vectors=embedded)), timings
     return [(r if isinstance(r, DeadLetterError) else r._replace(picture=None), t) for r, t in out]
 
 

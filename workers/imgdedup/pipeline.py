@@ -187,8 +187,8 @@ class FeatureExtractor:
                               vectors=dict(p.vectors), versions=self.versions) for p in prepared]
         todo = [i for i, p in enumerate(prepared) if not isinstance(p, DeadLetterError) and p.picture is not None]
         if todo and self.embedders:
-            with metrics.STAGE_SECONDS.labels("embed").time():
-                vectors, _ = embed_pictures(self.embedders, [prepared[i].picture for i in todo])
+            vectors, seconds = embed_pictures(self.embedders, [prepared[i].picture for i in todo])
+            observe({"embed": seconds})
             for i, embedded in zip(todo, vectors):
                 if isinstance(embedded, DeadLetterError):
                     out[i] = embedded

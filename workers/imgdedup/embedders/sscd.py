@@ -53,13 +53,13 @@ def trim_frame(image: Image.Image) -> Image.Image:
     if any(abs(a - b) > FRAME_TOLERANCE for corner in corners[1:] for a, b in zip(corner, corners[0])):
         return image  # most photos leave here, before any pixel is compared
     differs = ImageChops.difference(image, Image.new("RGB", image.size, corners[0])).point(_OVER_TOLERANCE)
-    content = np.asarray(differs.convert("L")) > 0  # a pixel differs if any channel does
     box = differs.getbbox()
     if box is None:
         return image
     left, top, right, bottom = box
     if bottom - top < FRAME_MIN_KEPT * height or right - left < FRAME_MIN_KEPT * width:
         return image
+    content = np.asarray(differs.convert("L")) > 0  # a pixel differs if any channel does
     edges = [(top > 0, content[top, left:right]), (bottom < height, content[bottom - 1, left:right]),
              (left > 0, content[top:bottom, left]), (right < width, content[top:bottom, right - 1])]
     trimmed = [line.mean() for cut, line in edges if cut]
