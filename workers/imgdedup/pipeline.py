@@ -71,6 +71,22 @@ class Pending:
     parsed: list  # ImageEvent, or the Output (dead letter) of a record that did not parse
     prepared: dict[int, Future]  # record index -> fetch/decode/hash of that upsert
 
+    def decoded(self) -> bool:
+        """Whether every image's front half has finished, so completing it will not wait on the pool."""
+        return all(f.done() for f in self.prepared.values())
+
+    @classmethod
+    def join(cls, batches: list[Pending]) -> Pending:
+        """Consecutive submitted batches as one: completed together, they share their Redis round trips."""
+        if len(batches) == 1:
+            return batches[0]
+        records, parsed, prepared = [], [], {}
+        for batch in batches:
+            prepared.update({len(records) + i: f for i, f in batch.prepared.items()})
+            records += batch.records
+            parsed += batch.parsed
+        return cls(records, parsed, prepared)
+
 
 @dataclass
 class Output:

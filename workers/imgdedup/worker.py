@@ -19,7 +19,10 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
+from concurrent.futures import wait as wait_for_futures
 from functools import partial
+from typing import NamedTuple
 
 import click
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -37,6 +40,19 @@ RETRY_DELAYS_S = (0.1, 0.3, 1.0, 3.0)  # in-batch retries of a transient Redis e
 PAUSE_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # pauses after the retries are used up, growing
 SIZES_EVERY_S = 15.0  # how often index sizes and Redis memory are read for metrics
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections once the start-up heap is frozen
+#: While images are decoding, new events are taken at least this often (and the oldest batch indexed
+#: as soon as it is decoded): the most an arriving event waits for the loop to come round.
+TAKE_EVERY_S = 0.002
+#: Events decoding at once, in batch_size units: past it the worker indexes before taking more.
+BATCHES_IN_FLIGHT = 2
+
+
+class Batch(NamedTuple):
+    """Consumed messages whose images are being fetched, decoded and hashed on the pool."""
+
+    msgs: list
+    pending: Pending
+    taken: float  # wall time, the start of imgdedup_processing_seconds
 
 
 class Worker:
@@ -55,8 +71,8 @@ class Worker:
         self.next_sizes = 0.0
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
-        # The batch being fetched and decoded on the pool while the batch before it is indexed.
-        self.queued: tuple[list, Pending, float] | None = None
+        # Batches being fetched and decoded on the pool, oldest first, while an older one is indexed.
+        self.in_flight: deque[Batch] = deque()
 
     # --- lifecycle -----------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
@@ -90,8 +106,12 @@ class Worker:
             self._shutdown()
 
     def _step(self) -> None:
-        """Take a batch and start decoding it, then index the batch queued before it: decoding (pool
-        threads) and indexing (this thread, mostly waiting on Redis) overlap."""
+        """Start decoding whatever has arrived, then index the oldest batches that are decoded, as one.
+
+        Decoding (decoder processes or threads) and indexing (this thread, mostly waiting on Redis)
+        overlap, and an event starts decoding within TAKE_EVERY_S of its arrival rather than after the
+        batch before it is indexed. Batches that finish decoding together share their Redis round trips,
+        so under load they grow and the round trips per event fall (group commit)."""
         self._maybe_resume()
         msgs = self._take_batch()
         self.producer.poll(0)
@@ -103,31 +123,54 @@ class Worker:
             elif msg.error().code() != KafkaError._PARTITION_EOF:
                 metrics.ERRORS.labels("kafka").inc()
                 log.warning("consume error: %s", msg.error())
-        queued, self.queued = self.queued, self._submit(good) if good else None
-        if queued:
-            self._complete(queued)
+        if good:
+            self.in_flight.append(self._submit(good))
+        ready = self._decoded_batches()
+        if ready:
+            self._complete(ready)
         if time.monotonic() >= self.next_sizes:
             self._report_sizes()
         metrics.IN_FLIGHT.set(self.tracker.in_flight)
         self.ready()
 
     def _take_batch(self) -> list:
-        """What has already been fetched, up to batch_size, waiting only while there is nothing at all
-        to do. `consume(n, timeout)` alone holds a lone event until n arrive or the timeout ends, which
-        at moderate rates is most of an event's latency; under load the fetched queue fills batches."""
+        """What has already been fetched, up to batch_size. With nothing in flight it waits up to
+        batch_timeout_s for a first event; with images decoding, up to TAKE_EVERY_S or until the oldest
+        batch is decoded; with enough in flight, not at all. `consume(n, timeout)` alone holds a lone
+        event until n arrive or the timeout ends, which at moderate rates would be most of its latency."""
         size = self.settings.batch_size
-        if self.queued:  # the queued batch should not wait for Kafka
-            return self.consumer.consume(size, 0)
-        msgs = self.consumer.consume(1, self.settings.batch_timeout_s)
-        if msgs and size > 1:
-            msgs += self.consumer.consume(size - 1, 0)
-        return msgs
+        if not self.in_flight:
+            msgs = self.consumer.consume(1, self.settings.batch_timeout_s)
+            if msgs and size > 1:
+                msgs += self.consumer.consume(size - 1, 0)
+            return msgs
+        if self._events_in_flight() >= BATCHES_IN_FLIGHT * size:
+            return []
+        wait_for_futures(self.in_flight[0].pending.prepared.values(), timeout=TAKE_EVERY_S)
+        return self.consumer.consume(size, 0)
+
+    def _events_in_flight(self) -> int:
+        return sum(len(batch.msgs) for batch in self.in_flight)
+
+    def _decoded_batches(self) -> list[Batch]:
+        """The oldest batches, in order, whose images are all decoded; when the pool holds enough events,
+        the oldest one even if it is not (indexing it waits for the pool, and taking more would too)."""
+        ready = []
+        while self.in_flight and self.in_flight[0].pending.decoded():
+            ready.append(self.in_flight.popleft())
+        if not ready and self.in_flight and self._events_in_flight() >= BATCHES_IN_FLIGHT * self.settings.batch_size:
+            ready.append(self.in_flight.popleft())
+        return ready
+
+    def _finish_in_flight(self) -> None:
+        if self.in_flight:
+            batches = list(self.in_flight)
+            self.in_flight.clear()
+            self._complete(batches)
 
     def _shutdown(self) -> None:
-        log.info("worker stopping: finishing the queued batch, flushing verdicts and committing offsets")
-        if self.queued is not None:
-            queued, self.queued = self.queued, None
-            self._complete(queued)
+        log.info("worker stopping: finishing the batches in flight, flushing verdicts and committing offsets")
+        self._finish_in_flight()
         if self.producer is not None:
             self.producer.flush(30)
         if self.consumer is not None:
@@ -141,24 +184,26 @@ class Worker:
         self.ready()
 
     # --- a batch -------------------------------------------------------------------------------
-    def _submit(self, msgs) -> tuple[list, Pending, float]:
+    def _submit(self, msgs) -> Batch:
         self.kafka_ok = True
         metrics.BATCH_SIZE.observe(len(msgs))
         for msg in msgs:
             metrics.EVENTS_CONSUMED.labels(msg.topic()).inc()
             self.tracker.consumed(msg.topic(), msg.partition(), msg.offset())
         records = [InputRecord(m.value(), m.key(), m.topic(), m.partition(), m.offset()) for m in msgs]
-        return msgs, self.pipeline.submit(records), time.time()
+        return Batch(msgs, self.pipeline.submit(records), time.time())
 
-    def _complete(self, queued: tuple[list, Pending, float]) -> None:
-        msgs, pending, started = queued
-        outputs = self._process_with_retries(pending)
-        if outputs is None:  # Redis stayed away: redo this batch, and the one queued behind it, later
-            behind, self.queued = self.queued, None
-            self._pause_and_rewind(msgs + (behind[0] if behind else []))
+    def _complete(self, batches: list[Batch]) -> None:
+        """Index consecutive batches as one and produce their verdicts and dead letters."""
+        outputs = self._process_with_retries(Pending.join([batch.pending for batch in batches]))
+        if outputs is None:  # Redis stayed away: redo these batches, and those behind them, later
+            batches += self.in_flight
+            self.in_flight.clear()
+            self._pause_and_rewind([msg for batch in batches for msg in batch.msgs])
             return
+        taken = [batch.taken for batch in batches for _ in batch.msgs]
         with metrics.STAGE_SECONDS.labels("produce").time():
-            for out in outputs:
+            for out, started in zip(outputs, taken, strict=True):
                 topic = self.settings.verdict_topic if out.kind == "verdict" else self.settings.dlq_topic
                 self._produce(topic, out, started)
             self.producer.poll(0)
@@ -266,9 +311,7 @@ class Worker:
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer, partitions) -> None:
-        if self.queued is not None:  # finish what was taken before handing partitions over
-            queued, self.queued = self.queued, None
-            self._complete(queued)
+        self._finish_in_flight()  # finish what was taken before handing partitions over
         self.producer.flush(30)  # acknowledgements of in-flight verdicts store their offsets now
         self._commit([tp for tp in partitions if (tp.topic, tp.partition) in self.assigned])
         self._drop(partitions)
