@@ -93,6 +93,8 @@ def test_hash_mih_vsim_memory_sections(kafka_broker, redis_server, redis_client,
     inside = details["hash"]["paced"]["worker_means"]  # the worker's own histograms over the paced run
     assert inside["batch_size"] >= 1 and 0 < inside["decode_s"] < inside["processing_s"]
     assert inside["embed_s"] is None  # no embedder in the hash tier
+    paced_cpu = details["hash"]["paced"]["worker_cpu_ms_per_event"]  # decoding happened in the children
+    assert paced_cpu["main"] > 0 and paced_cpu["processes"] > 0
     probe = details["hash"]["speed_probe"]  # the machine's speed just before and just after the worker
     assert probe["files"] == 6 and min(probe["before"], probe["after"]) > 0
     assert details["mih"]["mismatched_queries"] == 0 and details["mih"]["queries_with_matches"] > 0

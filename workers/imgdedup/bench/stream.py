@@ -432,9 +432,14 @@ def run_stream(
             rate = rate or sat["events_per_s"] / 2
             before = worker_metrics(settings)
             sat["worker_full_gc"] = phase_summary({}, before)["full_gc"]  # since the worker started
+            cpu_before = worker_threads_cpu(worker.proc.pid)
             lat = paced(files, rate, paced_seconds, answers, settings, worker, inline)
+            cpu_after = worker_threads_cpu(worker.proc.pid)
             inside = phase_summary(before, worker_metrics(settings))
             lat["worker_full_gc"], lat["worker_means"] = inside["full_gc"], inside["means"]
+            # Per paced event, idle polling between events included: what a worker costs below saturation.
+            lat["worker_cpu_ms_per_event"] = {kind: (cpu_after[kind] - cpu_before[kind]) / lat["events"] * 1000
+                                              for kind in cpu_before}
         finally:
             worker.stop()
     return {
