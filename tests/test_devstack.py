@@ -68,3 +68,26 @@ def test_taken_port_is_a_clear_error(tmp_path):
         out = cli(tmp_path, "up", env_extra=ports)
     assert out.returncode != 0 and "is taken" in out.stderr
     assert devstack.status(tmp_path) is None
+
+
+def test_sigterm_stops_the_servers_a_command_started(tmp_path):
+    """What `imgdedup bench` and `eval` do: their servers are stopped in ``finally``, which SIGTERM
+    must reach."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from imgdedup import devstack\n"
+        "devstack.stop_servers_on_sigterm()\n"
+        "server = devstack.start_redis(devstack.free_port(), Path(sys.argv[1]), persist=False)\n"
+        "try:\n"
+        "    print(server.process.pid, flush=True)\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        "    server.stop()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    redis_pid = int(proc.stdout.readline())
+    assert devstack._alive(redis_pid)
+    proc.terminate()
+    assert proc.wait(30) == 128 + 15
+    assert not devstack._alive(redis_pid)

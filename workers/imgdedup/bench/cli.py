@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from imgdedup import devstack
 from imgdedup.bench import report
 from imgdedup.bench.report import Row, latency_row, rate_row
 
@@ -518,6 +519,7 @@ def bench_command(
     from imgdedup.bench.stack import bench_stack
     from imgdedup.cli import settings_from
 
+    devstack.stop_servers_on_sigterm()
     settings = settings_from(ctx)
     sections = _parse_only(only)
     sizes = _sizes(

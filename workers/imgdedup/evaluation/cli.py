@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from imgdedup import devstack
 from imgdedup.cli import settings_from
 
 
@@ -61,6 +62,7 @@ def eval_command(ctx, bases_dir, ground_truth, out_dir, seed, transforms, limit_
     from imgdedup.evaluation.dataset import default_bases_dir
     from imgdedup.evaluation.run import EvalOptions, evaluate
 
+    devstack.stop_servers_on_sigterm()
     settings = settings_from(ctx)
     try:
         variants.select(transforms)
