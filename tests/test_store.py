@@ -47,3 +47,34 @@ def test_a_copy_of_a_duplicate_points_at_the_original_and_a_rewrite_keeps_its_or
     assert third.decision.matches[0] == {"image_id": "b", "signal": "sha256", "canonical": "a"}
     again = store.index([b], store.records([("ns", "b")]))[0]
     assert again.seq == second.seq and again.decision.duplicate_of == "a"
+
+
+def test_a_standalone_redis_answers_the_queries_in_the_writes_round_trip(redis_client, make_settings):
+    """Write, commit and query share one pipeline on a standalone Redis (it runs one connection's
+    commands in order, so the queries still see the commit): three round trips for a batch that finds a
+    candidate (writes + queries, the candidates' order, the decisions), and the verdicts are those of
+    the concurrency rule."""
+    store = IndexStore(redis_client, make_settings(phash_radius=8))
+    original = ImageFeatures("ns", "a", "ea", "a" * 64, 0x0123456789ABCDEF, False)
+    store.index([original], [None])
+    executed = []
+    real_pipeline = redis_client.pipeline
+
+    def counting_pipeline(*args, **kwargs):
+        pipe = real_pipeline(*args, **kwargs)
+        execute = pipe.execute
+        pipe.execute = lambda *a, **k: executed.append(len(pipe)) or execute(*a, **k)
+        return pipe
+
+    redis_client.pipeline = counting_pipeline
+    try:
+        copy = ImageFeatures("ns", "b", "eb", "b" * 64, original.phash ^ 0b11, False)
+        twin = ImageFeatures("ns", "c", "ec", "c" * 64, original.phash ^ 0b101, False)
+        first, second = store.index([copy, twin], [None, None])
+    finally:
+        del redis_client.pipeline
+    assert len(executed) == 3
+    assert (first.decision.verdict, first.decision.duplicate_of) == ("near_duplicate", "a")
+    assert (second.decision.verdict, second.decision.duplicate_of) == ("near_duplicate", "a")
+    assert second.seq == first.seq + 1  # committed in the order given, and each saw the other's entry
+    assert {m["image_id"] for m in second.decision.matches} == {"a", "b"}

@@ -28,7 +28,8 @@ STAGE_SECONDS = Histogram(
     "imgdedup_stage_seconds",
     "Time in each pipeline stage: per event for fetch, decode and hash (run in parallel threads or "
     "processes); per model call for embed (a batch, or a decoder process's chunk of it); per batch for "
-    "index_write, index_query and produce.",
+    "index_write, index_query and produce. On a standalone Redis the batch's queries share the round trip "
+    "of its writes, so index_write includes them and index_query is the candidates' lookup.",
     ["stage"],
     buckets=_STAGE_BUCKETS,
 )

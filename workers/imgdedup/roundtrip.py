@@ -24,22 +24,35 @@ def is_standalone(client) -> bool:
     return isinstance(client, redis.Redis)
 
 
-class RoundTrip:
-    def __init__(self, client):
-        self.pipe = client.pipeline(transaction=False)
+class Parts:
+    """Several modules' commands queued on one pipeline; :meth:`results` hands each its own replies.
+
+    A ``queue_*`` method can itself queue several parts and return ``parts.results`` composed with its
+    own finish, so it can ride on a caller's round trip as one part."""
+
+    def __init__(self, pipe):
+        self.pipe, self._base = pipe, len(pipe)
         self._parts: list[tuple[int, int, Finish]] = []
 
     def add(self, queue: Callable[..., Finish], *args: Any) -> int:
-        """Run ``queue(pipe, *args)``; returns the index of its result in :meth:`execute`'s list."""
+        """Run ``queue(pipe, *args)``; returns the index of its result in :meth:`results`' list."""
         start = len(self.pipe)
         finish = queue(self.pipe, *args)
-        self._parts.append((start, len(self.pipe), finish))
+        self._parts.append((start - self._base, len(self.pipe) - self._base, finish))
         return len(self._parts) - 1
+
+    def results(self, replies: list) -> list:
+        """Each part's result, in the order added, from the replies to everything queued since creation."""
+        return [finish(replies[start:stop]) for start, stop, finish in self._parts]
+
+
+class RoundTrip(Parts):
+    def __init__(self, client):
+        super().__init__(client.pipeline(transaction=False))
 
     def execute(self) -> list:
         """Send everything queued in one round trip; each part's result, in the order added."""
-        replies = self.pipe.execute() if len(self.pipe) else []
-        return [finish(replies[start:stop]) for start, stop, finish in self._parts]
+        return self.results(self.pipe.execute() if len(self.pipe) else [])
 
 
 def run(client, queue: Callable[..., Finish], *args: Any) -> Any:

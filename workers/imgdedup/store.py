@@ -30,7 +30,7 @@ from imgdedup.hashindex import PHashIndex
 from imgdedup.keys import Keys
 from imgdedup.lua import queue_eval
 from imgdedup.policy import Candidate, Decision, Evidence, decide
-from imgdedup.roundtrip import Finish, RoundTrip
+from imgdedup.roundtrip import Finish, Parts, RoundTrip
 
 # KEYS[1] = the namespace's sequence counter, KEYS[2] = its order hash; both carry the {ns} hash tag,
 # so this touches one cluster slot. Returns the image's sequence number, giving one only once (an
@@ -97,9 +97,10 @@ class IndexStore:
         if replaced:  # a new picture under an old id is a new image: drop every trace of the old one
             self._remove(replaced)
         with metrics.STAGE_SECONDS.labels("index_write").time():
-            seqs = self._write_and_commit(images)
+            seqs, candidates = self._write_and_commit(images)
         with metrics.STAGE_SECONDS.labels("index_query").time():
-            candidates = self._query(images)
+            if candidates is None:
+                candidates = self._query(images)
             self._resolve(images, candidates)
         out = []
         for img, seq, cands in zip(images, seqs, candidates):
@@ -109,13 +110,16 @@ class IndexStore:
         self._save_decisions(images, out)
         return out
 
-    def _write_and_commit(self, images: list[ImageFeatures]) -> list[int]:
-        """Write the record and every index, then commit; returns the sequence numbers.
+    def _write_and_commit(self, images: list[ImageFeatures]) -> tuple[list[int], list[dict[str, Candidate]] | None]:
+        """Write the record and every index, then commit; returns the sequence numbers, and on a
+        standalone Redis each image's candidates too (None on a cluster: query afterwards).
 
         The record names every bucket and vector entry before they are written, so a crash between
         the two leaves nothing a delete cannot find (cutting an entry that is not there is a no-op).
-        On a standalone Redis one connection runs a pipeline in order, so the commit shares the round
-        trip of the writes; a cluster spreads the writes over nodes, so it waits for their replies.
+        On a standalone Redis one connection runs a pipeline in order, so the commit and then the
+        queries share the round trip of the writes (the queries still see every write and commit
+        before them, as the concurrency rule needs); a cluster spreads the writes over nodes, so the
+        commit waits for their replies, and the queries for the commit.
         """
         trip = RoundTrip(self.client)
         trip.add(self._queue_records, images)
@@ -127,9 +131,11 @@ class IndexStore:
                          [(images[i].image_id, images[i].vectors[name]) for i in idx if name in images[i].vectors])
         if self._standalone:
             commit = trip.add(self._queue_commit, images)
-            return trip.execute()[commit]
+            query = trip.add(self._queue_queries, images)
+            results = trip.execute()
+            return results[commit], results[query]
         trip.execute()
-        return roundtrip.run(self.client, self._queue_commit, images)
+        return roundtrip.run(self.client, self._queue_commit, images), None
 
     def _queue_records(self, pipe, images: list[ImageFeatures]) -> Finish:
         now = str(int(time.time()))
@@ -159,23 +165,35 @@ class IndexStore:
 
     def _query(self, images: list[ImageFeatures]) -> list[dict[str, Candidate]]:
         """SHA-256, pHash and vector lookups of the whole batch in one round trip."""
-        trip = RoundTrip(self.client)
-        sha = trip.add(self._queue_sha_lookups, images)
+        return roundtrip.run(self.client, self._queue_queries, images)
+
+    def _queue_queries(self, pipe, images: list[ImageFeatures]) -> Finish:
+        """Queue the SHA-256, pHash and vector lookups of the whole batch; the finish gives each image's
+        candidates other than itself."""
+        parts = Parts(pipe)
+        sha = parts.add(self._queue_sha_lookups, images)
         phash_parts, vector_parts = [], []
         for ns, idx in _by_namespace(images).items():
             hashed = [i for i in idx if not images[i].low_detail]
             queries = [(images[i].phash, self.settings.phash_radius) for i in hashed]
-            phash_parts.append((hashed, trip.add(self.phash.queue_query, ns, queries)))
+            phash_parts.append((hashed, parts.add(self.phash.queue_query, ns, queries)))
             for name in self._embedders(images, idx):
                 have = [i for i in idx if name in images[i].vectors]
                 matrix = np.stack([images[i].vectors[name] for i in have])
-                part = trip.add(self.vectors.queue_query, ns, name, matrix, self.settings.vector_candidates + 1)
+                part = parts.add(self.vectors.queue_query, ns, name, matrix, self.settings.vector_candidates + 1)
                 vector_parts.append((name, have, part))
-        started = time.perf_counter()
-        results = trip.execute()
-        for name in {name for name, _, _ in vector_parts}:
-            metrics.VECTOR_QUERY_SECONDS.labels(name).observe(time.perf_counter() - started)
+        sent = time.perf_counter()  # queued last: the caller sends its pipeline now
 
+        def finish(replies: list) -> list[dict[str, Candidate]]:
+            for name in {name for name, _, _ in vector_parts}:
+                metrics.VECTOR_QUERY_SECONDS.labels(name).observe(time.perf_counter() - sent)
+            return self._candidates(images, parts.results(replies), sha, phash_parts, vector_parts)
+
+        return finish
+
+    def _candidates(self, images: list[ImageFeatures], results: list, sha: int, phash_parts: list,
+                    vector_parts: list) -> list[dict[str, Candidate]]:
+        """Each image's candidates (itself excluded) with their evidence, from the queries' results."""
         found: list[dict[str, Candidate]] = [{} for _ in images]
 
         def add(i: int, evidence: Evidence) -> None:
