@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 from collections import deque
-from concurrent.futures import wait as wait_for_futures
 from functools import partial
 from typing import NamedTuple
 
@@ -73,6 +72,10 @@ class Worker:
         self.producer: Producer | None = None
         # Batches being fetched and decoded on the pool, oldest first, while an older one is indexed.
         self.in_flight: deque[Batch] = deque()
+        # Set when an image of a batch in flight has been decoded: the loop waits on it, not on the
+        # futures themselves (concurrent.futures.wait cost 160 us of CPU per 2 ms wait on the AMD VM,
+        # this 75 us; the loop waits ~500 times a second while images are in flight).
+        self.decoded = threading.Event()
 
     # --- lifecycle -----------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
@@ -146,7 +149,9 @@ class Worker:
             return msgs
         if self._events_in_flight() >= BATCHES_IN_FLIGHT * size:
             return []
-        wait_for_futures(self.in_flight[0].pending.prepared.values(), timeout=TAKE_EVERY_S)
+        self.decoded.clear()
+        if not self.in_flight[0].pending.decoded():
+            self.decoded.wait(TAKE_EVERY_S)
         return self.consumer.consume(size, 0)
 
     def _events_in_flight(self) -> int:
@@ -191,7 +196,13 @@ class Worker:
             metrics.EVENTS_CONSUMED.labels(msg.topic()).inc()
             self.tracker.consumed(msg.topic(), msg.partition(), msg.offset())
         records = [InputRecord(m.value(), m.key(), m.topic(), m.partition(), m.offset()) for m in msgs]
-        return Batch(msgs, self.pipeline.submit(records), time.time())
+        pending = self.pipeline.submit(records)
+        for future in pending.prepared.values():
+            future.add_done_callback(self._decoded_one)
+        return Batch(msgs, pending, time.time())
+
+    def _decoded_one(self, _future) -> None:
+        self.decoded.set()
 
     def _complete(self, batches: list[Batch]) -> None:
         """Index consecutive batches as one and produce their verdicts and dead letters."""
