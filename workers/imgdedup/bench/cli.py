@@ -172,10 +172,9 @@ def _inside_rows(section: str, r: dict, at: str) -> list[Row]:
     means = r["paced"]["worker_means"]
     rows = [Row(section, f"worker events per batch, mean, paced {at}", means["batch_size"], "")]
     cpu = r["paced"].get("worker_cpu_ms_per_event", {})
-    for kind in ("main", "processes"):
+    for kind, name in (("main", "main thread"), ("processes", "decoder processes")):
         if cpu.get(kind):  # processes: 0 when the worker decodes on threads
-            rows.append(Row(section, f"worker {kind.replace('processes', 'decoder processes')} CPU per event, paced",
-                            cpu[kind], "ms"))
+            rows.append(Row(section, f"worker {name} CPU per event, paced", cpu[kind], "ms"))
     for name, value in means.items():
         if name != "batch_size" and value is not None:
             what = name.removesuffix("_s").replace("_", " ")
