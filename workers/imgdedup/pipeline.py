@@ -65,7 +65,7 @@ class InputRecord:
 
 @dataclass
 class Pending:
-    """A batch whose fetch/decode/hash runs on the pool while the caller completes the batch before it."""
+    """A batch whose fetch/decode/hash runs on the pool while the caller completes earlier batches."""
 
     records: list[InputRecord]
     parsed: list  # ImageEvent, or the Output (dead letter) of a record that did not parse
@@ -239,7 +239,7 @@ class Pipeline:
 
     def submit(self, records: list[InputRecord]) -> Pending:
         """Parse, and start fetching, decoding and hashing every upsert on the pool. No Redis yet, so a
-        worker can submit batch n+1 and then complete batch n while the pool works."""
+        worker can submit later batches and complete earlier ones while the pool works."""
         parsed = [self._parse(r) for r in records]
         upserts = [i for i, p in enumerate(parsed) if isinstance(p, messages.ImageEvent) and p.op == "upsert"]
         prepared = dict(zip(upserts, self.extractor.start([parsed[i] for i in upserts])))
