@@ -147,15 +147,15 @@ class Worker:
             if msgs and size > 1:
                 msgs += self.consumer.consume(size - 1, 0)
             return msgs
-        if self._events_in_flight() >= BATCHES_IN_FLIGHT * size:
+        if self._pool_full():
             return []
         self.decoded.clear()
         if not self.in_flight[0].pending.decoded():
             self.decoded.wait(TAKE_EVERY_S)
         return self.consumer.consume(size, 0)
 
-    def _events_in_flight(self) -> int:
-        return sum(len(batch.msgs) for batch in self.in_flight)
+    def _pool_full(self) -> bool:
+        return sum(len(batch.msgs) for batch in self.in_flight) >= BATCHES_IN_FLIGHT * self.settings.batch_size
 
     def _decoded_batches(self) -> list[Batch]:
         """The oldest batches, in order, whose images are all decoded; when the pool holds enough events,
@@ -163,7 +163,7 @@ class Worker:
         ready = []
         while self.in_flight and self.in_flight[0].pending.decoded():
             ready.append(self.in_flight.popleft())
-        if not ready and self.in_flight and self._events_in_flight() >= BATCHES_IN_FLIGHT * self.settings.batch_size:
+        if not ready and self.in_flight and self._pool_full():
             ready.append(self.in_flight.popleft())
         return ready
 
@@ -208,9 +208,9 @@ class Worker:
         """Index consecutive batches as one and produce their verdicts and dead letters."""
         outputs = self._process_with_retries(Pending.join([batch.pending for batch in batches]))
         if outputs is None:  # Redis stayed away: redo these batches, and those behind them, later
-            batches += self.in_flight
+            redo = [*batches, *self.in_flight]
             self.in_flight.clear()
-            self._pause_and_rewind([msg for batch in batches for msg in batch.msgs])
+            self._pause_and_rewind([msg for batch in redo for msg in batch.msgs])
             return
         taken = [batch.taken for batch in batches for _ in batch.msgs]
         with metrics.STAGE_SECONDS.labels("produce").time():
