@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from imgdedup.bench.data import bench_files
-from imgdedup.bench.stream import arrival_order, cycle_events
+from imgdedup.bench.stream import Answers, arrival_order, by_quarter, cycle_events
 from imgdedup.cli import cli
 
 TINY = [
@@ -72,6 +72,9 @@ def check_stream(details: dict, events: int) -> None:
     floor = details["kafka_floor"]  # the Kafka path alone at the paced rate: every event came back
     assert floor["rate"] == paced["target_rate"] and floor["latency_ms"]["n"] == floor["events"] == paced["events"]
     assert floor["latency_ms"]["p50"] > 0
+    # each phase on topics of its own: the broker's cost per request grows with a topic's size
+    assert len({sat["input_topic"], paced["input_topic"], floor["input_topic"]}) == 3
+    assert len(paced["quarters"]["p99_ms"]) == 4 and min(paced["quarters"]["p99_ms"]) > 0
 
 
 def test_hash_mih_vsim_memory_sections(kafka_broker, redis_server, redis_client, tmp_path):
@@ -121,6 +124,18 @@ def test_speed_probe_warns_only_when_the_machine_changed_speed():
     assert probe_warning(200.0, 190.0) is None and probe_warning(200.0, 215.0) is None
     assert "28% slower" in probe_warning(235.0, 170.0)  # the sscd section of 2026-12-01 01:10
     assert "15% faster" in probe_warning(200.0, 230.0)
+
+
+def test_paced_quarters_split_latency_by_sending_order_and_cpu_by_answer_marks():
+    # 8 events, sent 0.1 s apart; the last two quarters are slow
+    series = [[i / 10, 10.0 if i < 4 else 100.0 + i, 5.0] for i in range(8)]
+    answers = Answers(watch={"kafka": 1})
+    # the broker's CPU seconds as the warm-up answer (1) and each quarter (2 answers each) came back
+    answers.samples = {1: (0.0, {"kafka": 0.0}), 3: (1.0, {"kafka": 0.25}), 5: (2.0, {"kafka": 0.5}),
+                       7: (2.5, {"kafka": 1.0}), 9: (3.0, {"kafka": 1.5})}
+    quarters = by_quarter(series, answers)
+    assert quarters["p99_ms"][:2] == [10.0, 10.0] and quarters["p99_ms"][3] == pytest.approx(106.99)
+    assert quarters["kafka_cores"] == pytest.approx([0.25, 0.25, 1.0, 1.0])
 
 
 def test_bench_files_are_distinct_and_cached(corpus_files, tmp_path):

@@ -193,6 +193,19 @@ def _latency_rows(section: str, r: dict, at: str, p99_target_ms: float | None = 
     ]
 
 
+def _drift_rows(section: str, r: dict) -> list[Row]:
+    """The paced run's last quarter against its first: on the Tansu broker the same rate costs more as
+    the topics fill (stream.fresh_topics), so a p99 that grows with the broker's CPU is the broker's."""
+    q = r["paced"]["quarters"]
+    first = "the same, first quarter"
+    rows = [latency_row(section, "event->verdict p99, last quarter of the paced run", q["p99_ms"][-1], first,
+                        q["p99_ms"][0])]
+    if "kafka_cores" in q:  # not with --external: the broker is not a process of this machine's
+        rows.append(rate_row(section, "Kafka broker CPU cores, last quarter of the paced run", q["kafka_cores"][-1],
+                             "cores", first, q["kafka_cores"][0]))
+    return rows
+
+
 def hash_rows(r: dict) -> list[Row]:
     sat, base = r["saturation"], r["baselines"]
     at = _paced_label(r)
@@ -242,6 +255,7 @@ def hash_rows(r: dict) -> list[Row]:
         Row("hash", "worker CPU cores used (saturated)", sat["worker_cores"], "cores"),
         *_server_rows("hash", sat),
         *_latency_rows("hash", r, at, P99_TARGET_MS),
+        *_drift_rows("hash", r),
         *_gc_rows("hash", r, at),
         *_inside_rows("hash", r, at),
         _probe_row("hash", r),
@@ -273,6 +287,7 @@ def sscd_rows(r: dict) -> list[Row]:
         Row("sscd", "worker CPU cores used (saturated)", sat["worker_cores"], "cores"),
         *_server_rows("sscd", sat),
         *_latency_rows("sscd", r, at),
+        *_drift_rows("sscd", r),
         *_gc_rows("sscd", r, at),
         *_inside_rows("sscd", r, at),
         _probe_row("sscd", r),

@@ -16,9 +16,9 @@ from functools import partial
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from imgdedup import devstack, messages
+from imgdedup import messages
 from imgdedup.bench.report import percentiles_ms
-from imgdedup.bench.stream import AnswerReader, Answers, offer, wait_for
+from imgdedup.bench.stream import AnswerReader, Answers, fresh_topics, offer, wait_for
 from imgdedup.config import Settings
 from imgdedup.kafka_io import consumer_config, producer_config
 
@@ -65,11 +65,7 @@ class Forwarder:
 
 def run_kafka_floor(settings: Settings, rate: float, seconds: float, timeout_s: float = 60.0) -> dict:
     """Offer ``rate`` events/s for ``seconds`` through the forwarder; latency as in the paced run."""
-    tag = uuid.uuid4().hex[:8]
-    s = settings.model_copy(update={"input_topic": f"bench-floor-in-{tag}", "verdict_topic": f"bench-floor-out-{tag}",
-                                    "dlq_topic": f"bench-floor-dlq-{tag}", "consumer_group": f"bench-floor-{tag}"})
-    devstack.create_topics(s.kafka_bootstrap, [s.input_topic, s.verdict_topic, s.dlq_topic], s.partitions,
-                           s.kafka_extra)
+    s = fresh_topics(settings, "floor")
     count = max(1, round(rate * seconds))
     events = [messages.make_event(f"floor-{i}", event_id=str(uuid.uuid4()), namespace="floor",
                                   uri="file:///not-read.jpg") for i in range(count + 1)]
@@ -85,5 +81,5 @@ def run_kafka_floor(settings: Settings, rate: float, seconds: float, timeout_s: 
         wait_for(answers, sent, None, timeout_s + seconds)
     with answers.lock:
         latencies = [answers.got[eid][0] - t for eid, (t, _) in sent.items()]
-    return {"rate": rate, "events": count, "latency_ms": percentiles_ms(latencies)}
+    return {"rate": rate, "events": count, "latency_ms": percentiles_ms(latencies), "input_topic": s.input_topic}
 

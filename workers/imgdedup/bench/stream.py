@@ -4,9 +4,9 @@ Saturation: N events are published before the worker starts; the rate is taken b
 that completes the first tenth (start-up, group join and cold caches excluded) and the last one, and
 the worker's CPU time (from /proc, every thread) over the same window gives events per CPU second.
 
-Latency: with the worker idle and caught up, events are produced at a fixed rate; each event's
-latency is the time this process received its verdict minus the time it handed the event to its
-producer (both on this process' monotonic clock; the worker's own latency field is not used).
+Latency: a fresh worker on fresh topics (see :func:`fresh_topics`), caught up, gets events at a fixed
+rate; each event's latency is the time this process received its verdict minus the time it handed the
+event to its producer (both on this process' monotonic clock; the worker's own latency field is not used).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -307,27 +308,14 @@ def saturation(events: list[dict], answers: Answers, worker: WorkerProcess, time
     }
 
 
-def paced(
-    files: list[Path],
-    rate: float,
-    seconds: float,
-    answers: Answers,
-    settings: Settings,
-    worker: WorkerProcess,
-    inline: bool,
-) -> dict:
-    """Offer ``rate`` events/s for ``seconds``; latency = verdict received - handed to the producer."""
-    count = max(1, round(rate * seconds))
-    events = cycle_events(files, count, "paced", inline)
-    producer = Producer(producer_config(settings, **{"linger.ms": 0}))
-    warm = make_events(files[:1], "paced-warmup", inline)[0]  # connects the producer (idempotence handshake)
-    _send(producer, settings, warm)
-    producer.flush(30)
-    wait_for(answers, [warm["event_id"]], worker, 60)
+def paced(producer: Producer, events: list[dict], rate: float, answers: Answers, settings: Settings,
+          worker: WorkerProcess) -> dict:
+    """Offer ``events`` at ``rate`` events/s; latency = verdict received - handed to the producer."""
+    count = len(events)
     sent, offered_s = offer(producer, settings, events, rate)
     if producer.flush(30):
         raise RuntimeError("paced events not delivered to the broker")
-    wait_for(answers, sent, worker, 60 + seconds)
+    wait_for(answers, sent, worker, 60 + count / rate)
     with answers.lock:
         latencies = [answers.got[eid][0] - t for eid, (t, _) in sent.items()]
         walls = [(wall, *answers.wall[eid]) for eid, (_, wall) in sent.items() if eid in answers.wall]
@@ -381,15 +369,33 @@ def _outcomes(answers: Answers, events: list[dict]) -> dict[str, int]:
     return out
 
 
+def fresh_topics(settings: Settings, label: str) -> Settings:
+    """The settings with new, created, empty input, verdict and dead-letter topics and a new group.
+
+    Every latency phase gets its own: Tansu's memory storage does work in proportion to a topic's
+    size on each request, so the same path slows down as its topics fill (ad hoc, 2026-12-01, one topic
+    at a constant 413 messages/s: the broker's CPU rose from 11 % to 73 % of a core over 60 s, and
+    one hop's p99 from 8 to 27-33 ms over 90 s). A paced run behind the saturation run's thousands of
+    messages would be measured on a slower broker than the Kafka path alone it is compared with."""
+    tag = uuid.uuid4().hex[:8]
+    fresh = settings.model_copy(
+        update={
+            "input_topic": f"bench-{label}-in-{tag}",
+            "verdict_topic": f"bench-{label}-out-{tag}",
+            "dlq_topic": f"bench-{label}-dlq-{tag}",
+            "consumer_group": f"bench-{label}-{tag}",
+        }
+    )
+    devstack.create_topics(fresh.kafka_bootstrap, [fresh.input_topic, fresh.verdict_topic, fresh.dlq_topic],
+                           fresh.partitions, fresh.kafka_extra)
+    return fresh
+
+
 def stream_settings(settings: Settings, roots: list[Path], sscd: bool) -> Settings:
-    """Fresh topics, group and key prefix for one phase; short group timeouts (the join waits on them)."""
+    """A key prefix and metrics port for one section; short group timeouts (the join waits on them)."""
     tag = uuid.uuid4().hex[:8]
     return settings.model_copy(
         update={
-            "input_topic": f"bench-images-{tag}",
-            "verdict_topic": f"bench-verdicts-{tag}",
-            "dlq_topic": f"bench-dlq-{tag}",
-            "consumer_group": f"bench-{tag}",
             "key_prefix": f"bench{tag}",
             "metrics_port": devstack.free_port(),  # the bench reads the worker's GC counts
             "file_roots": [Path(r).resolve() for r in roots],
@@ -411,37 +417,14 @@ def run_stream(
     server_pids: dict[str, int],
     rate: float | None = None,
 ) -> dict:
-    """Saturation (``events`` events over ``files``) then paced latency with one worker process; ``rate``
-    defaults to half the saturated rate."""
-    devstack.create_topics(
-        settings.kafka_bootstrap,
-        [settings.input_topic, settings.verdict_topic, settings.dlq_topic],
-        settings.partitions,
-        settings.kafka_extra,
-    )
-    answers = Answers()
+    """Saturation (``events`` events over ``files``), then paced latency at ``rate`` (default half the
+    saturated rate): each with its own worker process and topics."""
     files = arrival_order(files)
-    batch = cycle_events(files, events, "saturation", inline)
-    produce_events(settings, batch)
-    answers.marks = {max(1, len(batch) // 10), len(batch)}
-    with AnswerReader(settings, answers):
-        worker = WorkerProcess(settings, log_path)
-        try:
-            answers.watch = {"worker": worker.proc.pid, **server_pids}
-            sat = saturation(batch, answers, worker, timeout_s=120 + len(batch) / 5)
-            rate = rate or sat["events_per_s"] / 2
-            before = worker_metrics(settings)
-            sat["worker_full_gc"] = phase_summary({}, before)["full_gc"]  # since the worker started
-            cpu_before = worker_threads_cpu(worker.proc.pid)
-            lat = paced(files, rate, paced_seconds, answers, settings, worker, inline)
-            cpu_after = worker_threads_cpu(worker.proc.pid)
-            inside = phase_summary(before, worker_metrics(settings))
-            lat["worker_full_gc"], lat["worker_means"] = inside["full_gc"], inside["means"]
-            # Per paced event, idle polling between events included: what a worker costs below saturation.
-            lat["worker_cpu_ms_per_event"] = {kind: (cpu_after[kind] - cpu_before[kind]) / lat["events"] * 1000
-                                              for kind in cpu_before}
-        finally:
-            worker.stop()
+    sat_settings = fresh_topics(settings, "saturation")
+    sat = run_saturation(sat_settings, files, events, log_path, inline, server_pids)
+    paced_settings = fresh_topics(settings, "paced").model_copy(update={"metrics_port": devstack.free_port()})
+    lat = run_paced(paced_settings, files, rate or sat["events_per_s"] / 2, paced_seconds, log_path, inline,
+                    server_pids)
     return {
         "saturation": sat,
         "paced": lat,
@@ -456,3 +439,69 @@ def run_stream(
         "inline": inline,
         "settings": settings.masked(),
     }
+
+
+def run_saturation(settings: Settings, files: list[Path], events: int, log_path: Path, inline: bool,
+                   server_pids: dict[str, int]) -> dict:
+    """``events`` events over ``files``, published before one worker starts: its rate and CPU."""
+    answers = Answers()
+    batch = cycle_events(files, events, "saturation", inline)
+    produce_events(settings, batch)
+    answers.marks = {max(1, len(batch) // 10), len(batch)}
+    with AnswerReader(settings, answers):
+        worker = WorkerProcess(settings, log_path)
+        try:
+            answers.watch = {"worker": worker.proc.pid, **server_pids}
+            sat = saturation(batch, answers, worker, timeout_s=120 + len(batch) / 5)
+            sat["worker_full_gc"] = phase_summary({}, worker_metrics(settings))["full_gc"]  # since it started
+            sat["input_topic"] = settings.input_topic
+        finally:
+            worker.stop()
+    return sat
+
+
+def run_paced(settings: Settings, files: list[Path], rate: float, seconds: float, log_path: Path,
+              inline: bool, server_pids: dict[str, int]) -> dict:
+    """``rate`` events/s for ``seconds`` to a worker that has answered a first event: latency, and what
+    the worker spent on it by its own histograms and CPU clocks."""
+    answers = Answers()
+    events = cycle_events(files, max(1, round(rate * seconds)), "paced", inline)
+    # CPU of the servers at the warm-up answer (the 1st) and as each quarter of the events is answered
+    answers.marks, answers.watch = {1 + len(events) * k // QUARTERS for k in range(QUARTERS + 1)}, server_pids
+    producer = Producer(producer_config(settings, **{"linger.ms": 0}))
+    with AnswerReader(settings, answers):
+        worker = WorkerProcess(settings, log_path)
+        try:
+            # The first answer waits out the worker's start-up and group join; the event also connects
+            # the producer (idempotence handshake).
+            warm = make_events(files[:1], "paced-warmup", inline)[0]
+            _send(producer, settings, warm)
+            producer.flush(30)
+            wait_for(answers, [warm["event_id"]], worker, 120)
+            before, cpu_before = worker_metrics(settings), worker_threads_cpu(worker.proc.pid)
+            lat = paced(producer, events, rate, answers, settings, worker)
+            cpu_after = worker_threads_cpu(worker.proc.pid)
+            inside = phase_summary(before, worker_metrics(settings))
+        finally:
+            worker.stop()
+    lat["worker_full_gc"], lat["worker_means"] = inside["full_gc"], inside["means"]
+    # Per paced event, idle polling between events included: what a worker costs below saturation.
+    lat["worker_cpu_ms_per_event"] = {kind: (cpu_after[kind] - cpu_before[kind]) / lat["events"] * 1000
+                                      for kind in cpu_before}
+    lat["quarters"], lat["input_topic"] = by_quarter(lat["series"], answers), settings.input_topic
+    return lat
+
+
+#: The paced run is also reported quarter by quarter: on Tansu the path slows down as its topics fill.
+QUARTERS = 4
+
+
+def by_quarter(series: list, answers: Answers) -> dict[str, list[float]]:
+    """p99 latency of the events sent in each quarter of the paced run, and each server's CPU cores
+    while that quarter was answered: shows whether latency drifts with the broker's load."""
+    size = max(1, len(series) // QUARTERS)
+    p99 = [float(np.percentile([lat for _, lat, _ in series[k * size:(k + 1) * size]], 99)) for k in range(QUARTERS)]
+    samples = [answers.samples[mark] for mark in sorted(answers.samples)]
+    cores = {f"{name}_cores": [(cpu1[name] - cpu0[name]) / max(t1 - t0, 1e-6)
+                               for (t0, cpu0), (t1, cpu1) in pairwise(samples)] for name in answers.watch}
+    return {"p99_ms": p99, **cores}
