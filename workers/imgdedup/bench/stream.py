@@ -38,9 +38,14 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """User + system CPU seconds of a process so far, all threads (Linux /proc), or of one thread."""
-    stat = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
-    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    """CPU seconds of a process so far, all threads (Linux /proc), or of one thread.
+
+    A process's from its user + system clock ticks (which keep the threads that have ended); a
+    thread's from the scheduler's nanosecond run time: a thread's share of a short phase can be
+    less than one 10 ms tick."""
+    if tid:
+        return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
@@ -216,6 +221,21 @@ def worker_metrics(settings: Settings) -> dict[str, float]:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out
+
+
+def metrics_after(settings: Settings, before: dict[str, float], events: int, timeout_s: float = 10.0) -> dict:
+    """The worker's metrics once its processing histogram counts all ``events`` since ``before``.
+
+    The worker observes an event's processing time in its delivery callback, at its producer's next
+    poll after the broker's acknowledgement, which can come after the bench has read the verdict: a
+    scrape at once could miss the last batch's processing while holding its decode times."""
+    key = "imgdedup_processing_seconds_count"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = worker_metrics(settings)
+        if now.get(key, 0.0) - before.get(key, 0.0) >= events or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
 
 
 #: Worker histograms whose mean over the paced run the bench reports (per event or per batch, as timed).
@@ -481,7 +501,7 @@ def run_paced(settings: Settings, files: list[Path], rate: float, seconds: float
             before, cpu_before = worker_metrics(settings), worker_threads_cpu(worker.proc.pid)
             lat = paced(producer, events, rate, answers, settings, worker)
             cpu_after = worker_threads_cpu(worker.proc.pid)
-            inside = phase_summary(before, worker_metrics(settings))
+            inside = phase_summary(before, metrics_after(settings, before, len(events)))
         finally:
             worker.stop()
     lat["worker_full_gc"], lat["worker_means"] = inside["full_gc"], inside["means"]
