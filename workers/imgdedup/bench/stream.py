@@ -519,8 +519,8 @@ QUARTERS = 4
 def by_quarter(series: list, answers: Answers) -> dict[str, list[float]]:
     """p99 latency of the events sent in each quarter of the paced run, and each server's CPU cores
     while that quarter was answered: shows whether latency drifts with the broker's load."""
-    size = max(1, len(series) // QUARTERS)
-    p99 = [float(np.percentile([lat for _, lat, _ in series[k * size:(k + 1) * size]], 99)) for k in range(QUARTERS)]
+    quarters = np.array_split(np.array([lat for _, lat, _ in series], dtype=float), QUARTERS)
+    p99 = [float(np.percentile(q, 99)) if q.size else float("nan") for q in quarters]  # nan: < 4 events
     samples = [answers.samples[mark] for mark in sorted(answers.samples)]
     cores = {f"{name}_cores": [(cpu1[name] - cpu0[name]) / max(t1 - t0, 1e-6)
                                for (t0, cpu0), (t1, cpu1) in pairwise(samples)] for name in answers.watch}
