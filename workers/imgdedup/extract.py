@@ -38,6 +38,7 @@ from imgdedup.decode import decode
 from imgdedup.errors import DeadLetterError, ErrorCode
 from imgdedup.features import HashFeatures, hash_features
 from imgdedup.fetch import Fetcher
+from imgdedup.resample import one_blas_thread
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def _start_child(settings: Settings, embed: bool, min_side: int) -> None:
     # Ctrl-C reaches the whole process group: the parent drains and then shuts its pool down, which
     # ends the children; a child that died of the signal first would fail the images still in flight.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    one_blas_thread()
     _child.update(settings=settings, fetcher=Fetcher(settings), min_side=min_side, embedders=[])
     if embed:
         from imgdedup.embedders.registry import build_embedders

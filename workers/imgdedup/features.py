@@ -2,8 +2,9 @@
 
 The pHash is imagehash's (``imagehash.phash``, hash_size 8, highfreq_factor 4) by definition:
 the same Pillow calls and the same SciPy DCT, so ``phash64(im) == int(str(imagehash.phash(im)), 16)``
-bit for bit (tests/test_features.py checks it on the corpus and variants). It is reimplemented only
-to share the 32x32 greyscale and its DCT with the low-detail measure instead of computing them twice.
+bit for bit (tests/test_features.py checks it on the corpus and variants). It is reimplemented to
+share the 32x32 greyscale and its DCT with the low-detail measure instead of computing them twice,
+and to do Pillow's Lanczos resize as matrix products (``resample``), which give Pillow's bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image
 
 from imgdedup.config import Settings
 from imgdedup.decode import Decoded
+from imgdedup.resample import lanczos_l
 
 HASH_SIZE = 8
 GREY_SIDE = HASH_SIZE * 4  # imagehash's highfreq_factor 4
@@ -45,7 +47,7 @@ def sha256_hex(data: bytes) -> str:
 
 def grey32(image: Image.Image) -> np.ndarray:
     """The pHash's input exactly as imagehash makes it: Pillow "L" luma, Lanczos to 32x32, uint8."""
-    return np.asarray(image.convert("L").resize((GREY_SIDE, GREY_SIDE), Image.LANCZOS))
+    return lanczos_l(np.asarray(image.convert("L")), GREY_SIDE, GREY_SIDE)
 
 
 def low_dct(grey: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from imgdedup.errors import DeadLetterError, ErrorCode
 from imgdedup.extract import DecodeProcesses, Prepared, embed_pictures, extract, observe
 from imgdedup.features import phash_hex
 from imgdedup.fetch import Fetcher, is_network
+from imgdedup.resample import one_blas_thread
 from imgdedup.store import ImageFeatures, IndexStore
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class FeatureExtractor:
 
     def __init__(self, settings: Settings, embedders: list | None = None):
         self.settings = settings
+        one_blas_thread()  # for the decode threads; each decoder process sets its own
         # Decoder processes build their own embedders from the settings, so embedders handed in (tests,
         # eval's variants) keep the work on threads, where those very objects run.
         from_settings = embedders is None

@@ -38,6 +38,7 @@ from imgdedup.features import (
     phash_from_dct,
     sha256_hex,
 )
+from imgdedup.resample import one_blas_thread
 
 CORPUS = Path(__file__).resolve().parents[3].parent / "shared" / "corpus" / "base"
 #: Draft floors compared (None = full decode).
@@ -99,15 +100,17 @@ def _best_rates(runs: dict[str, Callable[[], int]], repeat: int) -> dict[str, tu
 
     Rounds interleave the runs so a burst of load from other processes hits them alike; the CPU rate
     is what a single thread gets on an idle core (it ignores time spent waiting for one), and is
-    meaningless for the process pool, whose work is done in its children.
+    meaningless for the process pool, whose work is done in its children. BLAS gets one thread, as in
+    the worker's decoder processes.
     """
     best = {name: (0.0, 0.0) for name in runs}
-    for _ in range(repeat):
-        for name, run in runs.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            n = run()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            best[name] = (max(best[name][0], n / wall), max(best[name][1], n / max(cpu, 1e-9)))
+    with one_blas_thread():
+        for _ in range(repeat):
+            for name, run in runs.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                n = run()
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                best[name] = (max(best[name][0], n / wall), max(best[name][1], n / max(cpu, 1e-9)))
     return best
 
 
