@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per speed, best kept")
     parser.add_argument("--only", choices=("policy", "gil", "parallel"), help="print just one of the tables")
     args = parser.parse_args(argv)
+    one_blas_thread()  # as in the worker's decoder processes; forked pool processes inherit it
     blobs = [p.read_bytes() for p in sorted(args.corpus.glob("*.jpg"))]
     print(f"{len(blobs)} corpus images; variants: orig + {', '.join(VARIANTS)}; load {_load()}\n")
     if args.only in (None, "policy"):
