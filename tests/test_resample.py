@@ -62,13 +62,14 @@ def test_vectorised_taps_equal_pillows_scalar_arithmetic():
     """Every output's taps, computed with NumPy, equal the one-by-one computation in Pillow's order."""
     for in_size in range(1, 300):
         for out_size in (32, 7, 450):
-            firsts, taps = resample._pillow_taps(in_size, out_size)
+            firsts, counts, taps = resample._pillow_taps(in_size, out_size)
             scale = in_size / out_size
             support = 3 * max(scale, 1.0)
             for j in range(out_size):
                 center = (j + 0.5) * scale
-                count = min(int(center + support + 0.5), in_size) - int(firsts[j])
-                assert list(taps[j]) == resample._exact_taps(int(firsts[j]), count, center, max(scale, 1.0))
+                assert counts[j] == min(int(center + support + 0.5), in_size) - int(firsts[j])
+                exact = resample._exact_taps(int(firsts[j]), int(counts[j]), center, max(scale, 1.0))
+                assert list(taps[j, : counts[j]]) == exact and not taps[j, counts[j] :].any()
 
 
 def test_taps_near_a_rounding_boundary_take_the_exact_path(monkeypatch):
