@@ -99,3 +99,14 @@ def test_one_blas_thread_limits_and_restores():
     with resample.one_blas_thread():
         assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
     assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
+
+
+def test_threads_resampling_at_once_each_get_pillows_bytes():
+    """Each thread reuses a float64 buffer of its own; threads must not see each other's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [content("noise", 300 + 7 * i, 400 - 5 * i, seed=i) for i in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda grey: [resample.lanczos_l(grey, 32, 32) for _ in range(20)], images))
+    for grey, outputs in zip(images, results):
+        assert all(np.array_equal(out, pillow(grey, 32, 32)) for out in outputs)
