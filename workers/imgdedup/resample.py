@@ -1,18 +1,20 @@
-"""Pillow's LANCZOS resize of an 8-bit greyscale image, bit for bit, as two matrix products.
+"""Pillow's LANCZOS resize of an 8-bit greyscale image, bit for bit, as matrix products.
 
 Why: the pHash's 32x32 greyscale is ``image.convert("L").resize((32, 32), LANCZOS)``. For a draft-decoded
-photo (~512x384) that resize cost about as much as a third of the JPEG decode, in Pillow's scalar
-loops. Its arithmetic is linear up to two roundings, so BLAS can do it exactly:
+photo (~512x384) Pillow's resize, in scalar loops, cost half as much as decoding the JPEG. Its
+arithmetic is linear up to two roundings, so BLAS can do it exactly:
 
 - Pillow (``libImaging/Resample.c``) builds each output pixel's filter taps in double precision,
   rounds them to integers scaled by 2**22 (``normalize_coeffs_8bpc``), sums ``pixel * tap`` in
-  integers starting from 2**21, and keeps ``clip(sum >> 22, 0, 255)`` -- first along rows, then,
-  on those 8-bit results, along columns.
-- Here the same integer taps fill a dense matrix and ``float64`` matrix products form the sums.
+  integers starting from 2**21, and keeps ``clip(sum >> 22, 0, 255)`` -- along rows, then, on those
+  8-bit results, along columns (since Pillow 13 the other way round for images that shrink mostly in
+  height).
+- Here the same integer taps fill banded matrices and ``float64`` matrix products form the sums.
   Every product and partial sum is an integer below 2**53, so each is exact, in any order; floor
   division by 2**22 and the clip then give Pillow's bytes.
-- The taps are computed with Python's ``math.sin`` (the C library's, as Pillow's C code uses), in
-  Pillow's order of operations, so even a tap that lands on a rounding boundary rounds alike.
+- The taps follow Pillow's order of operations. NumPy's ``sin`` may differ from the C library's in
+  the last bit, so the taps of an output that lies near a rounding boundary are recomputed with
+  ``math.sin`` (the C library's, as Pillow's C code uses).
 
 ``tests/test_resample.py`` compares the output with Pillow's on random sizes and contents, and
 ``tests/test_features.py`` the pHash with imagehash's.
