@@ -1,7 +1,8 @@
 """Hash-tier features of one image: SHA-256 of the bytes, the 64-bit pHash and a low-detail measure.
 
 The pHash is imagehash's (``imagehash.phash``, hash_size 8, highfreq_factor 4) by definition:
-the same Pillow calls and the same SciPy DCT, so ``phash64(im) == int(str(imagehash.phash(im)), 16)``
+Pillow's greyscale, Pillow's Lanczos arithmetic and the same SciPy DCT, so
+``phash64(im) == int(str(imagehash.phash(im)), 16)``
 bit for bit (tests/test_features.py checks it on the corpus and variants). It is reimplemented to
 share the 32x32 greyscale and its DCT with the low-detail measure instead of computing them twice,
 and to do Pillow's Lanczos resize as matrix products (``resample``), which give Pillow's bytes.
