@@ -58,6 +58,16 @@ def test_huge_image_is_resampled_in_blocks_and_matches_pillow():
     assert np.array_equal(resample.lanczos_l(grey, 32, 32), pillow(grey, 32, 32))
 
 
+def test_only_sides_up_to_the_cached_limit_are_cached():
+    """Images of many large sizes must not grow the per-process tap cache."""
+    resample._cached_taps.cache_clear()
+    big = resample._CACHED_SIDE + 1
+    for side in (big, big + 1, resample._CACHED_SIDE):
+        grey = content("noise", 40, side, seed=side)
+        assert np.array_equal(resample.lanczos_l(grey, 32, 40), pillow(grey, 32, 40))
+    assert resample._cached_taps.cache_info().currsize == 1
+
+
 def test_vectorised_taps_equal_pillows_scalar_arithmetic():
     """Every output's taps, computed with NumPy, equal the one-by-one computation in Pillow's order."""
     for in_size in range(1, 300):
@@ -78,7 +88,7 @@ def test_taps_near_a_rounding_boundary_take_the_exact_path(monkeypatch):
     monkeypatch.setattr(resample, "_exact_taps", lambda *args: calls.append(args) or exact(*args))
     in_size = next((n for n in range(600, 1000) if resample._pillow_taps(n, 32) and calls), None)
     assert in_size, "no width from 600 to 1000 has a tap near a rounding boundary: the test needs others"
-    resample._taps.cache_clear()
+    resample._cached_taps.cache_clear()
     grey = content("noise", 40, in_size, seed=in_size)
     assert np.array_equal(resample.lanczos_l(grey, 32, 40), pillow(grey, 32, 40))
 

@@ -114,10 +114,25 @@ class Taps(NamedTuple):
     size: int  # output size
 
 
-#: Sides seen in a day of photos are many (the bench's 2,418 images have 329 distinct sides after
-#: draft decoding); an entry for a 512-pixel side holds 4 blocks of ~225 x 8 taps, ~57 kB.
-@lru_cache(maxsize=512)
+#: Input sides whose taps are cached. Draft-decoded photos have sides below it; a larger side's taps
+#: are recomputed (~1 ms, next to tens of ms to decode such an image), so images of many large sizes
+#: cannot grow the cache: an entry for a 512-pixel side holds 4 blocks of ~225 x 8 taps, ~57 kB, and
+#: one for a 1024-pixel side ~115 kB.
+_CACHED_SIDE = 1024
+
+
 def _taps(in_size: int, out_size: int) -> Taps:
+    return _cached_taps(in_size, out_size) if in_size <= _CACHED_SIDE else _build_taps(in_size, out_size)
+
+
+#: Sides seen in a day of photos are many: the bench's 2,418 images have 329 distinct sides after
+#: draft decoding.
+@lru_cache(maxsize=512)
+def _cached_taps(in_size: int, out_size: int) -> Taps:
+    return _build_taps(in_size, out_size)
+
+
+def _build_taps(in_size: int, out_size: int) -> Taps:
     firsts, counts, taps = _pillow_taps(in_size, out_size)
     inside = np.arange(taps.shape[1]) < counts[:, None]
     rows = firsts[:, None] + np.arange(taps.shape[1])  # input pixel of each tap
