@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from imgdedup import resample
 from imgdedup.config import load_settings
@@ -102,13 +102,16 @@ def test_grey32_equals_pillow_on_decoded_corpus_photos(corpus_files):
 
 
 def test_one_blas_thread_limits_and_restores():
-    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
-    if not blas:
-        pytest.skip("NumPy has no BLAS library that threadpoolctl can see")
-    before = [i["num_threads"] for i in blas]
-    with resample.one_blas_thread():
-        assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
-    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
+    """NumPy's wheels bundle OpenBLAS; if threadpoolctl could not see it, the limit would do nothing
+    and the decoder processes would spin on BLAS threads, so its absence is a failure, not a skip."""
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    assert blas_threads(), "threadpoolctl sees no BLAS library: one_blas_thread would limit nothing"
+    with threadpool_limits(limits=2, user_api="blas"):  # a known starting point, whatever ran before
+        with resample.one_blas_thread():
+            assert set(blas_threads()) == {1}
+        assert set(blas_threads()) == {2}
 
 
 def test_threads_resampling_at_once_each_get_pillows_bytes():
