@@ -243,3 +243,61 @@ def test_mpo_from_a_camera_decodes_its_first_picture(landscape):
     decoded = decode(data, DRAFT)
     assert decoded.format == "MPO" and decoded.scale == 2
     assert bits(phash64(decoded.image), phash64(landscape)) <= 4
+
+
+# --- luma only -----------------------------------------------------------------------------------
+
+
+def test_luma_only_gives_the_jpeg_luma_plane_at_the_draft_size(landscape):
+    data = encode(landscape, "JPEG", quality=90)
+    luma, rgb = decode(data, DRAFT, luma_only=True), decode(data, DRAFT)
+    assert luma.image.mode == "L" and luma.image.size == rgb.image.size == (512, 288)
+    assert (luma.scale, luma.width, luma.height, luma.format) == (rgb.scale, rgb.width, rgb.height, rgb.format)
+    ycbcr = Image.open(io.BytesIO(data))
+    ycbcr.draft("YCbCr", (512, 288))
+    assert np.array_equal(pixels(luma.image), pixels(ycbcr.getchannel("Y")))  # the stored Y plane itself
+    # Pillow's "L" of libjpeg's RGB uses the same weights: only rounding (and clipping) differs.
+    assert np.abs(pixels(luma.image) - pixels(rgb.image.convert("L"))).mean() < 0.1
+
+
+def test_luma_only_decodes_small_jpegs_to_luma_too(landscape):
+    small = encode(landscape.resize((300, 200)), "JPEG", quality=90)
+    decoded = decode(small, DRAFT, luma_only=True)
+    assert decoded.scale == 1 and decoded.image.mode == "L" and decoded.image.size == (300, 200)
+
+
+def test_luma_only_is_applied_before_the_orientation(landscape):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(landscape.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif.tobytes())
+    decoded = decode(data, DRAFT, luma_only=True)
+    assert decoded.image.mode == "L" and decoded.image.size == (512, 288) and (decoded.width, decoded.height) == (1024, 576)
+    upright = decode(encode(landscape, "JPEG", quality=95), DRAFT, luma_only=True)
+    assert bits(phash64(decoded.image), phash64(upright.image)) <= 4
+
+
+@pytest.mark.parametrize("source,mode", [
+    ("cmyk-jpeg", "RGB"),  # Pillow gives luma only for YCbCr data
+    ("grey-jpeg", "L"),
+    ("rgba-png", "RGB"),  # transparency is flattened first
+    ("grey-png", "L"),
+    ("grey-png-transparency", "RGB"),
+    ("rgb-png", "RGB"),
+])
+def test_luma_only_keeps_every_other_image_canonical(landscape, source, mode):
+    small = landscape.resize((320, 180))
+    im = {
+        "cmyk-jpeg": small.convert("CMYK"), "grey-jpeg": small.convert("L"), "rgba-png": small.convert("RGBA"),
+        "grey-png": small.convert("L"), "grey-png-transparency": small.convert("L"), "rgb-png": small,
+    }[source]
+    options = {"transparency": 0} if source == "grey-png-transparency" else {}
+    data = encode(im, "JPEG" if source.endswith("jpeg") else "PNG", **options)
+    luma, rgb = decode(data, DRAFT, luma_only=True), decode(data, DRAFT)
+    assert luma.image.mode == mode and rgb.image.mode == "RGB"
+    assert np.array_equal(pixels(luma.image.convert("L")), pixels(rgb.image.convert("L")))
+    assert phash64(luma.image) == phash64(rgb.image)
+
+
+def test_luma_only_needs_draft_decoding_so_the_full_decode_stays_imagehash(landscape):
+    decoded = decode(encode(landscape, "JPEG", quality=90), FULL, luma_only=True)
+    assert decoded.image.mode == "RGB" and decoded.scale == 1

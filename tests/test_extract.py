@@ -13,8 +13,10 @@ import pytest
 
 from imgdedup import messages, metrics
 from imgdedup.config import load_settings
+from imgdedup.decode import decode
 from imgdedup.errors import DeadLetterError, ErrorCode
 from imgdedup.extract import DecodeProcesses
+from imgdedup.features import phash64
 from imgdedup.pipeline import FeatureExtractor
 
 
@@ -46,7 +48,7 @@ def test_processes_answer_what_the_threads_answer(settings, in_processes, corpus
     on_threads = FeatureExtractor(settings.model_copy(update={"decode_processes": 0}), embedders=[])
     try:
         assert in_processes.processes is not None and on_threads.processes is None
-        files = corpus_files[:12]
+        files = corpus_files[:11] + corpus_files[-1:]  # the last one's luma pHash differs from its RGB one
         sources = [{"uri": f.as_uri()} for f in files[:6]]
         sources += [{"data": base64.b64encode(f.read_bytes()).decode()} for f in files[6:]]
 
@@ -55,6 +57,11 @@ def test_processes_answer_what_the_threads_answer(settings, in_processes, corpus
             return [(f.sha256, f.phash, f.low_detail, f.detail) for f in done]
 
         assert features(in_processes) == features(on_threads)
+        # no embedder: JPEGs are decoded to their luma plane, and the verdicts say so
+        luma = [phash64(decode(f.read_bytes(), settings, luma_only=True).image) for f in files]
+        rgb = [phash64(decode(f.read_bytes(), settings).image) for f in files]
+        assert [phash for _, phash, _, _ in features(in_processes)] == luma != rgb
+        assert in_processes.versions == on_threads.versions == {"phash": "imagehash-phash-8x4+draft256+luma"}
     finally:
         on_threads.close()
 
@@ -115,6 +122,9 @@ def test_sscd_runs_in_the_children_and_matches_the_threads(corpus_dir, corpus_fi
         np.testing.assert_allclose(np.stack([g.vectors["sscd"] for g in got]),
                                    np.stack([w.vectors["sscd"] for w in want]), atol=1e-4)
         assert got[0].versions == want[0].versions and "sscd" in got[0].versions
+        # the embedders need colour, so the pHash comes from the RGB picture
+        assert got[0].versions["phash"] == "imagehash-phash-8x4+draft256"
+        assert got[0].phash == phash64(decode(corpus_files[0].read_bytes(), settings, min_side=settings.sscd_input_size).image)
     finally:
         in_children.close()
         on_threads.close()

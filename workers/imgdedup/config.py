@@ -85,7 +85,9 @@ class Settings(BaseSettings):
         "(unless CLIP is enabled: it needs every picture in the worker): each has its own GIL, and a codec that "
         "crashes takes down one child, not the worker. 0: always decode on the threads.",
     )
-    draft_decode: bool = Field(True, description="Let JPEG decoding scale down in the DCT domain (fast path).")
+    draft_decode: bool = Field(
+        True, description="Let JPEG decoding scale down in the DCT domain, and decode only the luma plane when no "
+        "embedder needs colour (fast path; false: the pHash is exactly imagehash's).")
 
     # --- Hash tier ---------------------------------------------------------------------------
     phash_radius: int = Field(8, ge=0, le=32, description="Largest pHash Hamming distance counted as a near duplicate.")

@@ -8,6 +8,12 @@ draft scale keeps the pHash identical on every image (even 1/2 changes 2 bits on
 photos; see README, "Fetching, decoding and hash features"). ``DRAFT_MIN_SIDE`` is the measured floor: ~10% of corpus images
 and variants change, by 2 bits (at most 4), and original-to-variant distances stay as with full
 decoding. ``draft_decode=false`` gives exactly imagehash's pHash of the full image.
+
+When only the pHash needs the pixels (``luma_only``: no embedder in this worker), the fast path also
+asks libjpeg for the luma plane alone: it then never reconstructs the two chroma planes nor converts
+to RGB (README, "Cost and parallelism"). JPEG's luma uses the weights of Pillow's "L"
+conversion, so only rounding differs from Y of the decoded RGB: it moves a few more hashes by 2 bits
+(README, "The pHash"; the bound is tested with the draft's).
 """
 
 from __future__ import annotations
@@ -49,26 +55,29 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 @dataclass(frozen=True)
 class Decoded:
-    image: Image.Image  # canonical RGB picture (possibly draft-reduced)
+    image: Image.Image  # canonical RGB picture (possibly draft-reduced); "L" only if asked for luma_only
     width: int  # size of the full image after EXIF orientation, whatever the draft scale
     height: int
     format: str  # Pillow format name, e.g. "JPEG"
     scale: int = 1  # JPEG draft reduction (1 = full decode, else 2, 4 or 8)
 
 
-def decode(data: bytes, settings: Settings, *, min_side: int = 0, draft_min_side: int = DRAFT_MIN_SIDE) -> Decoded:
+def decode(data: bytes, settings: Settings, *, min_side: int = 0, luma_only: bool = False,
+           draft_min_side: int = DRAFT_MIN_SIDE) -> Decoded:
     """Decode ``data`` into a ``Decoded``, or raise DeadLetterError (not_an_image, too_many_pixels, decode_failed).
 
     ``min_side`` is the shortest side a consumer of the image needs (e.g. the SSCD input size);
     draft decoding never goes below it nor below ``draft_min_side`` (changed only to measure policies).
+    ``luma_only``: nothing but the pHash will look at the picture, so with draft decoding on a colour
+    JPEG may come back as its luma plane ("L"); every other image is RGB as usual.
     """
     im = _open(data, settings.max_image_pixels)
     width, height = im.size
-    scale = draft_scale(width, height, max(min_side, draft_min_side)) if settings.draft_decode else 1
-    if scale > 1 and im.format in ("JPEG", "MPO"):
-        im.draft("RGB", (width // scale, height // scale))
-    else:
-        scale = 1
+    fast = settings.draft_decode and im.format in ("JPEG", "MPO")
+    scale = draft_scale(width, height, max(min_side, draft_min_side)) if fast else 1
+    if scale > 1 or (fast and luma_only):
+        # Pillow switches the mode only for YCbCr data, so CMYK and grey JPEGs keep theirs.
+        im.draft("L" if luma_only else "RGB", (width // scale, height // scale))
     try:
         im.load()
     except Image.DecompressionBombError as exc:
@@ -77,12 +86,12 @@ def decode(data: bytes, settings: Settings, *, min_side: int = 0, draft_min_side
         raise DeadLetterError(ErrorCode.DECODE_FAILED, f"{im.format} data is corrupt or truncated: {exc}") from None
     try:
         oriented = _orient(im)
-        rgb = to_rgb(oriented)
+        picture = oriented if luma_only and _plain_grey(oriented) else to_rgb(oriented)
     except (OSError, ValueError) as exc:  # e.g. a mode Pillow cannot convert to RGB
         raise DeadLetterError(ErrorCode.DECODE_FAILED, f"cannot convert {im.format} {im.mode} to RGB: {exc}") from None
     if oriented.size != im.size:  # a 90-degree orientation swaps the sides
         width, height = height, width
-    return Decoded(rgb, width, height, im.format, scale)
+    return Decoded(picture, width, height, im.format, scale)
 
 
 def draft_scale(width: int, height: int, min_side: int) -> int:
@@ -127,6 +136,11 @@ def _orient(im: Image.Image) -> Image.Image:
     if orientation not in range(2, 9):
         return im
     return ImageOps.exif_transpose(im)
+
+
+def _plain_grey(im: Image.Image) -> bool:
+    """8-bit grey with nothing to flatten: the pHash's "L" as is (Pillow's L -> RGB -> L is the identity)."""
+    return im.mode == "L" and "transparency" not in im.info
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

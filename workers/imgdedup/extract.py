@@ -74,7 +74,9 @@ def _start_child(settings: Settings, embed: bool, min_side: int) -> None:
 
 def extract(source: dict | bytes, fetcher: Fetcher, settings: Settings, min_side: int = 0) -> Extracted:
     """Fetch (unless given bytes), decode and hash one image; every failure is a dead letter, never
-    an exception. Shared by the decode threads and the child processes."""
+    an exception. Shared by the decode threads and the child processes.
+
+    ``min_side`` 0 means no embedder will see the picture, so the decoder may give the luma plane only."""
     timings: dict[str, float] = {}
     stage = "fetch"
     try:
@@ -83,7 +85,7 @@ def extract(source: dict | bytes, fetcher: Fetcher, settings: Settings, min_side
         if not isinstance(source, bytes):
             timings["fetch"], started = time.perf_counter() - started, time.perf_counter()
         stage = "decode"
-        decoded = decode(data, settings, min_side=min_side)
+        decoded = decode(data, settings, min_side=min_side, luma_only=not min_side)
         timings["decode"], started = time.perf_counter() - started, time.perf_counter()
         hashed = hash_features(data, decoded, settings)
         timings["hash"] = time.perf_counter() - started

@@ -31,12 +31,15 @@ from imgdedup.store import ImageFeatures, IndexStore
 log = logging.getLogger(__name__)
 
 #: The pHash definition recorded in verdicts: imagehash.phash (hash_size 8, highfreq 4), and with draft
-#: decoding on, the draft floor, because drafting moves ~10 % of hashes by up to 4 bits (docs: decode).
+#: decoding on, the draft floor, because drafting moves ~10 % of hashes by up to 4 bits, and "+luma" when
+#: JPEGs are decoded to their luma plane only (no embedder): a few more by 2 bits (docs: decode).
 PHASH_VERSION = "imagehash-phash-8x4"
 
 
-def phash_version(settings: Settings) -> str:
-    return PHASH_VERSION + (f"+draft{DRAFT_MIN_SIDE}" if settings.draft_decode else "")
+def phash_version(settings: Settings, luma_only: bool) -> str:
+    if not settings.draft_decode:
+        return PHASH_VERSION
+    return PHASH_VERSION + f"+draft{DRAFT_MIN_SIDE}" + ("+luma" if luma_only else "")
 
 #: Exceptions that mean "Redis is unavailable right now": retry the batch, never dead-letter it.
 TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
@@ -127,7 +130,8 @@ class FeatureExtractor:
         in_children = not embedders or (from_settings and all(e.in_decoder_processes for e in embedders))
         self.processes = DecodeProcesses(settings, settings.decode_processes, embed=bool(embedders),
                                          min_side=self.min_side) if settings.decode_processes and in_children else None
-        self.versions = {"phash": phash_version(settings)} | {e.name: e.version for e in embedders}
+        self.versions = {"phash": phash_version(settings, luma_only=not embedders)} | {
+            e.name: e.version for e in embedders}
 
     def layout(self) -> str:
         """Where the features are computed, for the worker's start-up log (an operator sizing CPUs and
