@@ -1,7 +1,7 @@
 """The loops the worker is measured against, run in this process on the same bytes the worker gets.
 
-- decode floor: ``decode`` (JPEG draft) + ``hash_features`` (SHA-256, pHash, detail), one thread --
-  the least work that produces the worker's hash-tier features;
+- decode floor: ``decode`` (JPEG draft, luma only) + ``hash_features`` (SHA-256, pHash, detail), one
+  thread -- the least work that produces the worker's hash-tier features;
 - imagededup-style: ``Image.open(...).convert("RGB")`` without draft + ``imagehash.phash``, one thread
   (decode_bench's definition of the pHash);
 - raw SSCD: decode (as the pipeline does for SSCD) + the SSCD embedder in batches, no Redis, no Kafka.
@@ -25,7 +25,7 @@ from imgdedup.resample import one_blas_thread
 
 def floor_loop(blobs: list[bytes], settings: Settings) -> int:
     for data in blobs:
-        hash_features(data, decode(data, settings), settings)
+        hash_features(data, decode(data, settings, luma_only=True), settings)
     return len(blobs)
 
 

@@ -2,7 +2,8 @@
 
 Run ``python -m imgdedup.bench.decode_bench`` (``--help`` for options). It prints two tables:
 
-1. per draft policy (the shorter side JPEG draft decoding may not go below; "full" = no draft):
+1. per draft policy (the shorter side JPEG draft decoding may not go below; "full" = no draft; "luma":
+   the JPEG's luma plane only, as in a worker without embedders):
    how many corpus images and variants get a pHash different from the full decode, by how many
    bits at most; the mean and max Hamming distance between an original and its variants when both
    are hashed under the policy (does drafting hurt near-duplicate matching?); and single-thread
@@ -41,8 +42,8 @@ from imgdedup.features import (
 from imgdedup.resample import one_blas_thread
 
 CORPUS = Path(__file__).resolve().parents[3].parent / "shared" / "corpus" / "base"
-#: Draft floors compared (None = full decode).
-POLICIES = (None, 512, 256, 128, 64, 32)
+#: Draft policies compared: (floor, luma only); floor None = full decode.
+POLICIES = ((None, False), (512, False), (256, False), (256, True), (128, False), (64, False), (32, False))
 #: Variants of each corpus JPEG (name -> resize factor, JPEG options).
 VARIANTS = {
     "q75": (1.0, {"quality": 75}),
@@ -77,17 +78,17 @@ def draft_deviation(blobs: list[bytes], settings: Settings, floor: int | None) -
     return [(_definition(data) ^ _phash(data, settings, floor)).bit_count() for data in blobs]
 
 
-def _phash(data: bytes, settings: Settings, floor: int | None) -> int:
+def _phash(data: bytes, settings: Settings, floor: int | None, luma: bool = False) -> int:
     if floor is None:
         return phash64(decode(data, settings.model_copy(update={"draft_decode": False})).image)
-    return phash64(decode(data, settings, draft_min_side=floor).image)
+    return phash64(decode(data, settings, draft_min_side=floor, luma_only=luma).image)
 
 
-def _work(args: tuple[bytes, bool, int]) -> int:
+def _work(args: tuple[bytes, bool, int, bool]) -> int:
     """One image through decode + hash_features (module level so a process pool can pickle it)."""
-    data, draft, floor = args
+    data, draft, floor, luma = args
     settings = _settings(draft)
-    return hash_features(data, decode(data, settings, draft_min_side=floor), settings).phash
+    return hash_features(data, decode(data, settings, draft_min_side=floor, luma_only=luma), settings).phash
 
 
 @functools.cache
@@ -121,22 +122,23 @@ def policy_table(blobs: list[bytes], repeat: int) -> list[tuple]:
     variant_sets = {name: [make_variants(b, (name,))[name] for b in blobs] for name in VARIANTS}
     runs = {"definition": lambda: sum(1 for b in blobs if _definition(b) >= 0)}
     accuracy = {}
-    for floor in POLICIES:
-        base = [_phash(b, settings, floor) for b in blobs]
+    for floor, luma in POLICIES:
+        base = [_phash(b, settings, floor, luma) for b in blobs]
         diffs = [(h ^ _definition(b)).bit_count() for h, b in zip(base, blobs)]
         pairs = []
         for vblobs in variant_sets.values():
-            hashes = [_phash(b, settings, floor) for b in vblobs]
+            hashes = [_phash(b, settings, floor, luma) for b in vblobs]
             diffs += [(h ^ _definition(b)).bit_count() for h, b in zip(hashes, vblobs)]
             pairs += [(h ^ o).bit_count() for h, o in zip(hashes, base)]
-        accuracy[floor] = (len(diffs), sum(d > 0 for d in diffs), max(diffs), sum(pairs) / len(pairs), max(pairs))
-        args = [(b, floor is not None, floor or 0) for b in blobs]
-        runs[str(floor)] = lambda args=args: len([_work(a) for a in args])
+        accuracy[floor, luma] = (len(diffs), sum(d > 0 for d in diffs), max(diffs), sum(pairs) / len(pairs),
+                                 max(pairs))
+        args = [(b, floor is not None, floor or 0, luma) for b in blobs]
+        runs[floor, luma] = lambda args=args: len([_work(a) for a in args])
     speed = _best_rates(runs, repeat)
     rows = [("imagehash.phash(Image.open) (definition)", "", "", "", "", "", *speed["definition"])]
-    for floor in POLICIES:
-        label = "full decode" if floor is None else f"draft, shorter side >= {floor}"
-        rows.append((label, *accuracy[floor], *speed[str(floor)]))
+    for floor, luma in POLICIES:
+        label = "full decode" if floor is None else f"draft, shorter side >= {floor}" + (", luma" if luma else "")
+        rows.append((label, *accuracy[floor, luma], *speed[floor, luma]))
     return rows
 
 
@@ -144,10 +146,10 @@ def parallel_table(blobs: list[bytes], repeat: int, copies: int = 4) -> list[tup
     threads, procs = ThreadPoolExecutor(2), ProcessPoolExecutor(2)
     with threads, procs:
         for pool in (threads, procs):
-            list(pool.map(_work, [(blobs[0], d, DRAFT_MIN_SIDE) for d in (False, True)] * 4))  # warm up
+            list(pool.map(_work, [(blobs[0], d, DRAFT_MIN_SIDE, False) for d in (False, True)] * 4))  # warm up
         runs = {}
         for draft in (False, True):
-            args = [(b, draft, DRAFT_MIN_SIDE) for b in blobs] * copies
+            args = [(b, draft, DRAFT_MIN_SIDE, False) for b in blobs] * copies
             runs[(draft, "serial")] = lambda args=args: len([_work(a) for a in args])
             for name, pool in (("threads", threads), ("procs", procs)):
                 runs[(draft, name)] = lambda args=args, pool=pool: len(_map(pool, args))
@@ -167,31 +169,32 @@ def gil_table(blobs: list[bytes], repeat: int) -> list[tuple[str, float, float]]
     steps = ("open header", "decode pixels", "orient + RGB", "grey 32x32", "DCT + median", "sha256")
     held_steps = ("open header", "DCT + median")
     rows = []
-    for draft in (False, True):
+    for mode in ("full", "draft", "luma"):
         best = dict.fromkeys(steps, float("inf"))
         for _ in range(repeat):
             spent = np.zeros(len(steps))
             for data in blobs:
-                spent += np.diff(_timed_steps(data, draft))
+                spent += np.diff(_timed_steps(data, mode))
             best = {k: min(best[k], v * 1000 / len(blobs)) for k, v in zip(steps, spent)}
-        mode = "draft" if draft else "full"
         total, held = sum(best.values()), sum(best[k] for k in held_steps)
         rows += [(mode, k + (" (GIL)" if k in held_steps else ""), v) for k, v in best.items()]
         rows.append((mode, f"total; 2-thread bound min(2, total/GIL) = {min(2.0, total / held):.2f}", total))
     return rows
 
 
-def _timed_steps(data: bytes, draft: bool) -> list[float]:
-    """Thread CPU clock before and after each step of decode + hash_features on one image."""
+def _timed_steps(data: bytes, mode: str) -> list[float]:
+    """Thread CPU clock before and after each step of decode + hash_features on one image; ``mode`` is
+    "full", "draft" or "luma" (draft, and the luma plane only: the step "orient + RGB" is then orient only)."""
     marks = [time.thread_time()]
     im = Image.open(io.BytesIO(data), formats=FORMATS)
-    scale = draft_scale(*im.size, DRAFT_MIN_SIDE) if draft else 1
-    if scale > 1:
-        im.draft("RGB", (im.width // scale, im.height // scale))
+    scale = draft_scale(*im.size, DRAFT_MIN_SIDE) if mode != "full" else 1
+    if scale > 1 or mode == "luma":
+        im.draft("L" if mode == "luma" else "RGB", (im.width // scale, im.height // scale))
     marks.append(time.thread_time())
     im.load()
     marks.append(time.thread_time())
-    rgb = to_rgb(ImageOps.exif_transpose(im))
+    oriented = ImageOps.exif_transpose(im)
+    rgb = oriented if oriented.mode == "L" and mode == "luma" else to_rgb(oriented)
     marks.append(time.thread_time())
     grey = grey32(rgb)
     marks.append(time.thread_time())
