@@ -86,6 +86,8 @@ def test_corpus_then_copies_then_variants_with_a_poison_message(kafka_settings, 
         rest = by_event(consume_verdicts(settings, len(bases) * 3, timeout_s=120))
         dead = consume_verdicts(settings, 1, timeout_s=30, topic=settings.dlq_topic)
     assert {first[e["event_id"]]["verdict"] for e in bases} == {"unique"}
+    # no embedder: the pHash comes from the JPEGs' luma planes, and every verdict says so
+    assert {d["features"]["phash"] for d in [*first.values(), *rest.values()]} == {"imagehash-phash-8x4+draft256+luma"}
     assert all(rest[e["event_id"]]["verdict"] == "exact_duplicate" for e in copies)
     assert all(rest[e["event_id"]]["duplicate_of"] == e["image_id"].removesuffix("-copy") for e in copies)
     found = [rest[e["event_id"]] for e in near if rest[e["event_id"]]["verdict"] == "near_duplicate"]
