@@ -68,8 +68,8 @@ def decode(data: bytes, settings: Settings, *, min_side: int = 0, luma_only: boo
 
     ``min_side`` is the shortest side a consumer of the image needs (e.g. the SSCD input size);
     draft decoding never goes below it nor below ``draft_min_side`` (changed only to measure policies).
-    ``luma_only``: nothing but the pHash will look at the picture, so with draft decoding on a colour
-    JPEG may come back as its luma plane ("L"); every other image is RGB as usual.
+    ``luma_only``: nothing but the pHash will look at the picture, so it may come back as "L": a colour
+    JPEG's luma plane (with draft decoding on), or a grey image left grey; everything else is RGB.
     """
     im = _open(data, settings.max_image_pixels)
     width, height = im.size
