@@ -3,7 +3,7 @@
 Run ``python -m imgdedup.bench.decode_bench`` (``--help`` for options). It prints two tables:
 
 1. per draft policy (the shorter side JPEG draft decoding may not go below; "full" = no draft; "luma":
-   the JPEG's luma plane only, as in a worker without embedders):
+   the JPEG's luma plane only, as in a worker without embedders, also compared with the RGB draft):
    how many corpus images and variants get a pHash different from the full decode, by how many
    bits at most; the mean and max Hamming distance between an original and its variants when both
    are hashed under the policy (does drafting hurt near-duplicate matching?); and single-thread
@@ -142,6 +142,16 @@ def policy_table(blobs: list[bytes], repeat: int) -> list[tuple]:
     return rows
 
 
+def luma_shift(blobs: list[bytes]) -> tuple[int, int, int]:
+    """(images, how many of them change pHash, max bits) between the RGB draft and luma only at the
+    chosen floor, on the originals and every variant: what turning the embedders on or off moves."""
+    settings = load_settings()
+    images = blobs + [v for b in blobs for name, v in make_variants(b).items() if name != "orig"]
+    bits = [(_phash(b, settings, DRAFT_MIN_SIDE) ^ _phash(b, settings, DRAFT_MIN_SIDE, luma=True)).bit_count()
+            for b in images]
+    return len(images), sum(b > 0 for b in bits), max(bits)
+
+
 def parallel_table(blobs: list[bytes], repeat: int, copies: int = 4) -> list[tuple]:
     threads, procs = ThreadPoolExecutor(2), ProcessPoolExecutor(2)
     with threads, procs:
@@ -226,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         for label, n, differ, worst, vmean, vmax, wall, cpu in policy_table(blobs, args.repeat):
             vmean = f"{vmean:.2f}" if vmean != "" else ""
             print(f"{label:<41} {n!s:>6} {differ!s:>6} {worst!s:>8} {vmean:>8} {vmax!s:>7} {wall:>6.0f} {cpu:>9.0f}")
+        n, differ, worst = luma_shift(blobs)
+        print(f"luma only against the RGB draft (>= {DRAFT_MIN_SIDE}): {differ} of {n} pHashes differ, by at most"
+              f" {worst} bits")
     if args.only in (None, "gil"):
         print(f"\nCPU ms per image (thread CPU time, so machine load does not inflate it); load {_load()}")
         for mode, step, ms in gil_table(blobs, args.repeat):
