@@ -15,7 +15,7 @@ from imgdedup import messages, metrics
 from imgdedup.config import load_settings
 from imgdedup.decode import decode
 from imgdedup.errors import DeadLetterError, ErrorCode
-from imgdedup.extract import DecodeProcesses
+from imgdedup.extract import DecodeProcesses, chunk_size
 from imgdedup.features import phash64
 from imgdedup.pipeline import FeatureExtractor
 
@@ -64,6 +64,14 @@ def test_processes_answer_what_the_threads_answer(settings, in_processes, corpus
         assert in_processes.versions == on_threads.versions == {"phash": "imagehash-phash-8x4+draft256+luma"}
     finally:
         on_threads.close()
+
+
+@pytest.mark.parametrize("images,processes,size", [
+    (1, 2, 1), (2, 2, 1), (3, 2, 2), (4, 2, 2), (8, 2, 2), (16, 2, 2), (17, 2, 3), (64, 2, 8), (3, 4, 1),
+    (5, 4, 2), (100, 1, 25),
+])
+def test_chunks_carry_two_images_or_more_unless_a_process_would_idle(images, processes, size):
+    assert chunk_size(images, processes) == size
 
 
 def test_dead_letters_come_back_from_the_child_with_their_code(in_processes, tmp_path):
