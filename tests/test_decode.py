@@ -243,6 +243,9 @@ def test_mpo_from_a_camera_decodes_its_first_picture(landscape):
     decoded = decode(data, DRAFT)
     assert decoded.format == "MPO" and decoded.scale == 2
     assert bits(phash64(decoded.image), phash64(landscape)) <= 4
+    luma = decode(data, DRAFT, luma_only=True)  # the first picture's luma plane, as for a JPEG
+    assert luma.image.mode == "L" and luma.image.size == decoded.image.size
+    assert bits(phash64(luma.image), phash64(decoded.image)) <= 2
 
 
 # --- luma only -----------------------------------------------------------------------------------
