@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import redis
 from confluent_kafka.admin import AdminClient
@@ -91,3 +92,28 @@ def test_sigterm_stops_the_servers_a_command_started(tmp_path):
     proc.terminate()
     assert proc.wait(30) == 128 + 15
     assert not devstack._alive(redis_pid)
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """The kernel may give a just-released port out again; two servers told the same port race for it."""
+    kernel_picks = iter([50001, 50001, 50002, 50001, 50003])
+
+    class Socket:
+        def __init__(self, *args):
+            self.port = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(kernel_picks)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(devstack, "_handed_out", set())
+    monkeypatch.setattr(devstack, "socket", SimpleNamespace(socket=Socket, AF_INET=2, SOCK_STREAM=1))
+    assert [devstack.free_port() for _ in range(3)] == [50001, 50002, 50003]
