@@ -86,7 +86,7 @@ def decode(data: bytes, settings: Settings, *, min_side: int = 0, luma_only: boo
         raise DeadLetterError(ErrorCode.DECODE_FAILED, f"{im.format} data is corrupt or truncated: {exc}") from None
     try:
         oriented = _orient(im)
-        picture = oriented if luma_only and _plain_grey(oriented) else to_rgb(oriented)
+        picture = oriented if luma_only and plain_grey(oriented) else to_rgb(oriented)
     except (OSError, ValueError) as exc:  # e.g. a mode Pillow cannot convert to RGB
         raise DeadLetterError(ErrorCode.DECODE_FAILED, f"cannot convert {im.format} {im.mode} to RGB: {exc}") from None
     if oriented.size != im.size:  # a 90-degree orientation swaps the sides
@@ -138,7 +138,7 @@ def _orient(im: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(im)
 
 
-def _plain_grey(im: Image.Image) -> bool:
+def plain_grey(im: Image.Image) -> bool:
     """8-bit grey with nothing to flatten: the pHash's "L" as is (Pillow's L -> RGB -> L is the identity)."""
     return im.mode == "L" and "transparency" not in im.info
 

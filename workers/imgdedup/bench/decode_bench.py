@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from imgdedup.config import Settings, load_settings
-from imgdedup.decode import DRAFT_MIN_SIDE, FORMATS, decode, draft_scale, to_rgb
+from imgdedup.decode import DRAFT_MIN_SIDE, FORMATS, decode, draft_scale, plain_grey, to_rgb
 from imgdedup.features import (
     detail_from_dct,
     grey32,
@@ -204,7 +204,7 @@ def _timed_steps(data: bytes, mode: str) -> list[float]:
     im.load()
     marks.append(time.thread_time())
     oriented = ImageOps.exif_transpose(im)
-    rgb = oriented if oriented.mode == "L" and mode == "luma" else to_rgb(oriented)
+    rgb = oriented if mode == "luma" and plain_grey(oriented) else to_rgb(oriented)
     marks.append(time.thread_time())
     grey = grey32(rgb)
     marks.append(time.thread_time())
