@@ -130,7 +130,8 @@ class FeatureExtractor:
         in_children = not embedders or (from_settings and all(e.in_decoder_processes for e in embedders))
         self.processes = DecodeProcesses(settings, settings.decode_processes, embed=bool(embedders),
                                          min_side=self.min_side) if settings.decode_processes and in_children else None
-        self.versions = {"phash": phash_version(settings, luma_only=not embedders)} | {
+        # extract decodes luma only when min_side is 0 (no embedder); the recorded version follows it.
+        self.versions = {"phash": phash_version(settings, luma_only=not self.min_side)} | {
             e.name: e.version for e in embedders}
 
     def layout(self) -> str:
