@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
+from imgdedup import roundtrip
 from imgdedup.hashindex import PHashIndex
 from imgdedup.keys import Keys
 from imgdedup.mih import probe_count
@@ -60,16 +61,41 @@ def index_cases(draw):
     return hashes, tables, queries
 
 
-@given(case=index_cases(), direct=st.booleans())
+@pytest.fixture
+def packing_client(redis_server) -> redis.Redis:
+    """A client like the worker's (pipeline.connect_redis): its pipelines take pre-packed commands."""
+    client = roundtrip.standalone_client(redis_server.address)
+    yield client
+    client.close()
+
+
+#: The read paths: (PHashIndex direct_reads, whether the client takes Packed commands, queries through
+#: a pipeline as the worker's IndexStore does rather than through PHashIndex.query).
+READ_PATHS = {
+    "query: MGETs on a raw connection": (True, False, False),
+    "pipeline: packed MGETs (the worker's)": (True, True, True),
+    "pipeline: MGETs packed by redis-py": (True, False, True),
+    "pipeline: a GET per bucket (as on a cluster)": (False, False, True),
+}
+
+
+def run_queries(client, packing_client, prefix: str, tables: int, path: str, ns: str, items, queries):
+    direct, packed, piped = READ_PATHS[path]
+    index = PHashIndex(packing_client if packed else client, Keys(prefix), tables, bucket_cap_bytes=10**9,
+                       direct_reads=direct)
+    assert index._packed == packed
+    added = index.add(ns, items)
+    assert all(not a.capped for a in added)
+    return roundtrip.run(index._client, index.queue_query, ns, queries) if piped else index.query(ns, queries)
+
+
+@given(case=index_cases(), path=st.sampled_from(sorted(READ_PATHS)))
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_query_returns_exactly_the_brute_force_set(redis_client, key_prefix, case, direct):
+def test_query_returns_exactly_the_brute_force_set(redis_client, packing_client, key_prefix, case, path):
     hashes, tables, queries = case
     ns = f"prop{next(_namespaces)}"
-    index = PHashIndex(redis_client, Keys(key_prefix), tables, bucket_cap_bytes=10**9, direct_reads=direct)
     ids = [f"img-{i}" if i % 3 else f"bild-ü{i}" if i % 2 else f"line\n%0A{i}%" for i in range(len(hashes))]
-    added = index.add(ns, list(zip(ids, hashes)))
-    assert all(not a.capped for a in added)
-    results = index.query(ns, queries)
+    results = run_queries(redis_client, packing_client, key_prefix, tables, path, ns, list(zip(ids, hashes)), queries)
     assert len(results) == len(queries)
     for (query, radius), result in zip(queries, results):
         expected = brute_force(ids, hashes, query, radius)
@@ -78,20 +104,36 @@ def test_query_returns_exactly_the_brute_force_set(redis_client, key_prefix, cas
         assert len(expected) <= result.candidates <= len(hashes) * tables
 
 
-def test_both_read_paths_with_a_shared_bucket_batch(redis_client, key_prefix):
-    """Several queries in one batch share buckets; the pipeline and direct paths agree with the oracle."""
+@pytest.mark.parametrize("tables", [4, 16])
+def test_every_read_path_with_a_shared_bucket_batch(redis_client, packing_client, key_prefix, tables):
+    """Several queries in one batch share buckets; every read path agrees with the oracle. With 16
+    tables the bucket keys have two lengths (tables 0-9 and 10-15), which the packed MGET writes key by key."""
     rng = np.random.default_rng(7)
     centre = int(rng.integers(0, MAX, dtype=np.uint64))
     hashes = [_flip(centre, rng.choice(64, size=k, replace=False).tolist()) for k in rng.integers(0, 9, 300)]
     ids = [f"i{i}" for i in range(len(hashes))]
     queries = [(h, 8) for h in hashes[:20]] + [(centre, 10), (centre, 0)]
-    answers = []
-    for direct in (True, False):
-        index = PHashIndex(redis_client, Keys(key_prefix), 4, bucket_cap_bytes=10**6, direct_reads=direct)
-        index.add("shared", list(zip(ids, hashes)))
-        answers.append([r.matches for r in index.query("shared", queries)])
-    assert answers[0] == answers[1] == [brute_force(ids, hashes, q, r) for q, r in queries]
-    assert any(len(a) > 1 for a in answers[0])
+    expected = [brute_force(ids, hashes, q, r) for q, r in queries]
+    for path in READ_PATHS:
+        results = run_queries(redis_client, packing_client, key_prefix, tables, path, "shared", list(zip(ids, hashes)), queries)
+        assert [r.matches for r in results] == expected, path
+        assert [r.probes for r in results] == [probe_count(r, tables) for _, r in queries], path
+    assert any(len(a) > 1 for a in expected)
+
+
+def test_the_packing_client_packs_other_commands_as_redis_py_does(packing_client):
+    from redis.connection import HiredisRespSerializer
+
+    args = ("HSET", "k:{a}", "f", b"\x00bin", 7, 1.5)
+    assert roundtrip.CommandPacker().pack(*args) == HiredisRespSerializer().pack(*args)
+    packed = roundtrip.Packed(b"*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\n")
+    assert roundtrip.CommandPacker().pack(packed) == [packed]
+    pipe = packing_client.pipeline(transaction=False)
+    pipe.execute_command(packed)
+    pipe.set("plain", "value")
+    pipe.get("plain")
+    assert pipe.execute() == [b"hi", True, b"value"]
+    assert roundtrip.sends_packed(packing_client)
 
 
 def test_query_result_excludes_self_and_empty_cases(redis_client, key_prefix):

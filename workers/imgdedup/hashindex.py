@@ -13,8 +13,9 @@ deletes are one single-key script per bucket (atomic check for presence and the 
 
 Cluster-safe: every script and read names exactly one key. With ``redis.RedisCluster`` reads go through
 non-transactional pipelines of GETs, which the cluster client routes and groups per node. With a plain
-``redis.Redis`` (``direct_reads``) a query's bucket reads are one MGET, written straight to a pooled
-connection.
+``redis.Redis`` (``direct_reads``) a query's bucket reads are one MGET, written in RESP from the NumPy
+array of its keys: straight to a pooled connection (:meth:`PHashIndex.query`), or queued on a pipeline
+as a :class:`~imgdedup.roundtrip.Packed` command when the client takes those (the worker's does).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from imgdedup import metrics, roundtrip
 from imgdedup.keys import Keys
 from imgdedup.lua import queue_eval
 from imgdedup.mih import format_substring, mask_count, probe_count, probe_masks, split, table_radii, width_of
-from imgdedup.roundtrip import Finish, is_standalone
+from imgdedup.roundtrip import Finish, Packed, is_standalone, sends_packed
 
 _MAX_PHASH = (1 << 64) - 1
 _SENTINEL = "\x00substring\x00"
@@ -109,6 +110,7 @@ class PHashIndex:
         if direct_reads is None:
             direct_reads = is_standalone(client)
         self._direct_reads = direct_reads
+        self._packed = direct_reads and sends_packed(client)
 
     # --- writes --------------------------------------------------------------------------------
 
@@ -177,13 +179,24 @@ class PHashIndex:
         """
         if not self._direct_reads:
             return roundtrip.run(self._client, self.queue_query, ns, queries)
-        plans = self._probe_keys(ns, queries)
-        return self._results(queries, plans, _mget_direct(self._client, plans))
+        probes, commands = self._mget_commands(ns, queries)
+        return self._results(queries, probes, _mget_direct(self._client, commands))
 
     def queue_query(self, pipe, ns: str, queries: list[tuple[int, int]]) -> Finish:
-        """Queue the bucket reads of every query: one MGET per query on a standalone Redis; on a
-        cluster one GET per distinct bucket (MGET would span slots), grouped per node by the client."""
+        """Queue the bucket reads of every query: one MGET per query on a standalone Redis (written in
+        RESP here when the client takes :class:`~imgdedup.roundtrip.Packed` commands); on a cluster one
+        GET per distinct bucket (MGET would span slots), grouped per node by the client."""
+        if self._packed:
+            probes, commands = self._mget_commands(ns, queries)
+            for command in filter(None, commands):
+                pipe.execute_command(command)
+
+            def finish_packed(replies: list) -> list[QueryResult]:
+                got = iter(replies)
+                return self._results(queries, probes, [next(got) if command else [] for command in commands])
+            return finish_packed
         plans = self._probe_keys(ns, queries)
+        probes = [len(plan) for plan in plans]
         if self._direct_reads:
             live = [plan for plan in plans if plan]
             for plan in live:
@@ -191,7 +204,7 @@ class PHashIndex:
 
             def finish(replies: list) -> list[QueryResult]:
                 got = iter(replies)
-                return self._results(queries, plans, [next(got) if plan else [] for plan in plans])
+                return self._results(queries, probes, [next(got) if plan else [] for plan in plans])
             return finish
         slots: dict[bytes, int] = {}
         plan_slots = [[slots.setdefault(key, len(slots)) for key in plan] for plan in plans]
@@ -199,23 +212,23 @@ class PHashIndex:
             pipe.get(key)
 
         def finish_each(replies: list) -> list[QueryResult]:
-            return self._results(queries, plans, [[replies[i] for i in ids] for ids in plan_slots])
+            return self._results(queries, probes, [[replies[i] for i in ids] for ids in plan_slots])
         return finish_each
 
-    def _results(self, queries, plans, buckets) -> list[QueryResult]:
-        results = _verify(queries, [len(plan) for plan in plans], buckets)
+    def _results(self, queries, probes: list[int], buckets) -> list[QueryResult]:
+        results = _verify(queries, probes, buckets)
         for result in results:
             metrics.MIH_PROBES.observe(result.probes)
             metrics.MIH_CANDIDATES.observe(result.candidates)
         return results
 
-    def _probe_keys(self, ns: str, queries: list[tuple[int, int]]) -> list[list[bytes]]:
-        """Bucket keys each query reads: every substring within its table's radius, per table.
+    def _probe_groups(self, ns: str, queries: list[tuple[int, int]]):
+        """Per radius in use: its queries (indices), the substrings each one probes (a row per query,
+        in the frame's order: table by table) and the arguments of that radius' key frame.
 
         Built for the whole batch in NumPy: a radius-8 query reads 188 buckets, and making their keys
         one Python concatenation at a time cost ~280 us per query on the worker's main thread.
         """
-        plans: list[list[bytes]] = [[] for _ in queries]
         by_radius: dict[int, list[int]] = {}
         for i, (_, radius) in enumerate(queries):
             by_radius.setdefault(radius, []).append(i)
@@ -228,9 +241,23 @@ class PHashIndex:
             radii = table_radii(radius, self.tables)
             values = np.concatenate([rows[:, t, None] ^ probe_masks(self.width, r)[None, :]
                                      for t, r in enumerate(radii) if r >= 0], axis=1)
-            for i, keys in zip(members, _keys_of(_frame(templates, tuple(radii), self.width), values, self.width)):
+            yield members, values, (templates, tuple(radii), self.width)
+
+    def _probe_keys(self, ns: str, queries: list[tuple[int, int]]) -> list[list[bytes]]:
+        """Bucket keys each query reads: every substring within its table's radius, per table."""
+        plans: list[list[bytes]] = [[] for _ in queries]
+        for members, values, frame_args in self._probe_groups(ns, queries):
+            for i, keys in zip(members, _keys_of(_frame(*frame_args), values, self.width)):
                 plans[i] = keys
         return plans
+
+    def _mget_commands(self, ns: str, queries: list[tuple[int, int]]) -> tuple[list[int], list[Packed | None]]:
+        """Each query's probe count and its bucket reads as one MGET in RESP (None if it reads none)."""
+        probes, commands = [0] * len(queries), [None] * len(queries)
+        for members, values, frame_args in self._probe_groups(ns, queries):
+            for i, command in zip(members, _mgets_of(frame_args, values)):
+                probes[i], commands[i] = values.shape[1], command
+        return probes, commands
 
     # --- introspection -------------------------------------------------------------------------
 
@@ -290,24 +317,18 @@ def _hex_prefixes(raw: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.frombuffer(bytes.fromhex(rows.tobytes().decode("ascii")), dtype=">u8").astype(np.uint64)
 
 
-def _mget_direct(client: redis.Redis, plans: list[list[bytes]]) -> list[list[bytes | None]]:
-    """One MGET of all probe keys per query, pipelined on one pooled connection.
+def _mget_direct(client: redis.Redis, commands: list[Packed | None]) -> list[list[bytes | None]]:
+    """Send the queries' MGETs (None: a query that reads nothing) pipelined on one pooled connection.
 
     Written pre-packed: building a few hundred arguments through redis-py's command layer cost more
     than Redis' own work. Any error mid-stream drops the connection (unread replies must never reach
     the next user); connection errors are retried by the connection's Retry policy.
     """
-    def command(keys: list[bytes]) -> bytes:
-        head = b"*%d\r\n$4\r\nMGET\r\n" % (len(keys) + 1)
-        if len(set(map(len, keys))) == 1:  # the usual case: one join, no formatting per key
-            return head + b"$%d\r\n" % len(keys[0]) + (b"\r\n$%d\r\n" % len(keys[0])).join(keys) + b"\r\n"
-        return head + b"".join([b"$%d\r\n%b\r\n" % (len(key), key) for key in keys])
-
-    live = [plan for plan in plans if plan]
+    live = [command for command in commands if command]
     if not live:
-        return [[] for _ in plans]
-    replies = iter(_exchange(client, b"".join(map(command, live)), len(live)))
-    return [next(replies) if plan else [] for plan in plans]
+        return [[] for _ in commands]
+    replies = iter(_exchange(client, b"".join(live), len(live)))
+    return [next(replies) if command else [] for command in commands]
 
 
 def _exchange(client: redis.Redis, packed: bytes, count: int) -> list:
@@ -365,11 +386,14 @@ def _frame(templates: tuple[tuple[bytes, bytes], ...], radii: tuple[int, ...], w
 
 def _keys_of(frame, substrings: np.ndarray, width: int) -> list[list[bytes]]:
     """The probe keys of each row of a 2-D array of substrings (one row per query, one column per probe,
-    in the frame's row order), as lists of bytes.
+    in the frame's row order), as lists of bytes (NumPy drops the trailing NULs; a key ends with ``}``)."""
+    template = frame[0]
+    return _filled(frame, substrings, width).view(f"S{template.shape[1]}")[..., 0].tolist()
 
-    The keys are rows of one uint8 array, copied from the frame with each substring's hex digits filled
-    in, and read out as fixed-size byte strings (NumPy drops the trailing NULs; a key ends with ``}``):
-    one NumPy pass for every table of every query."""
+
+def _filled(frame, substrings: np.ndarray, width: int) -> np.ndarray:
+    """A copy of the frame per query (uint8, queries x probes x row bytes) with each probe's substring
+    written in as hex digits: one NumPy pass for every table of every query."""
     template, groups = frame
     digits = width // 4
     out = np.empty((substrings.shape[0], *template.shape), dtype=np.uint8)
@@ -378,7 +402,41 @@ def _keys_of(frame, substrings: np.ndarray, width: int) -> list[list[bytes]]:
     hex_digits = _HEX_DIGITS[(substrings[..., None] >> shifts) & np.uint64(15)]
     for start, first, end in groups:
         out[:, first:end, start : start + digits] = hex_digits[:, first:end]
-    return out.view(f"S{template.shape[1]}")[..., 0].tolist()
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _resp_frame(templates: tuple[tuple[bytes, bytes], ...], radii: tuple[int, ...], width: int):
+    """:func:`_frame` with each key written as a RESP bulk string (``$<length>``, CRLF, the key, CRLF),
+    when every key of the frame has the same length (fewer than 10 tables); None otherwise. ~11 KB at
+    radius 8."""
+    template, groups = _frame(templates, radii, width)
+    if len(groups) != 1 or not template[:, -1].all():
+        return None
+    lead = b"$%d\r\n" % template.shape[1]
+    resp = np.empty((template.shape[0], len(lead) + template.shape[1] + 2), dtype=np.uint8)
+    resp[:, : len(lead)] = np.frombuffer(lead, dtype=np.uint8)
+    resp[:, len(lead) : -2] = template
+    resp[:, -2:] = np.frombuffer(b"\r\n", dtype=np.uint8)
+    resp.setflags(write=False)
+    ((start, first, end),) = groups
+    return resp, ((start + len(lead), first, end),)
+
+
+def _mgets_of(frame_args: tuple, substrings: np.ndarray) -> list[Packed]:
+    """One MGET of its probe keys per row of substrings, each written as a whole RESP command: with
+    keys of one length, the rows of one filled array and a header, without a Python step per key."""
+    width = frame_args[2]
+    resp = _resp_frame(*frame_args)
+    if resp is None:
+        return [_mget_command(keys) for keys in _keys_of(_frame(*frame_args), substrings, width)]
+    head = b"*%d\r\n$4\r\nMGET\r\n" % (resp[0].shape[0] + 1)
+    return [Packed(head + row.tobytes()) for row in _filled(resp, substrings, width)]
+
+
+def _mget_command(keys: list[bytes]) -> Packed:
+    return Packed(b"*%d\r\n$4\r\nMGET\r\n" % (len(keys) + 1)
+                  + b"".join([b"$%d\r\n%b\r\n" % (len(key), key) for key in keys]))
 
 
 def _entry(image_id: str, phash: int) -> bytes:

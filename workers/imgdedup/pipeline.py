@@ -26,6 +26,7 @@ from imgdedup.extract import DecodeProcesses, Prepared, embed_pictures, extract,
 from imgdedup.features import phash_hex
 from imgdedup.fetch import Fetcher, is_network
 from imgdedup.resample import one_blas_thread
+from imgdedup.roundtrip import standalone_client
 from imgdedup.store import ImageFeatures, IndexStore
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def connect_redis(settings: Settings) -> redis.Redis:
     url = settings.redis_url.get_secret_value()
     if settings.redis_cluster:
         return redis.RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
+    return standalone_client(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
 
 
 class FeatureExtractor:

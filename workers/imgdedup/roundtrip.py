@@ -13,6 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis._parsers import Encoder
+from redis.connection import HiredisRespSerializer, PythonRespSerializer
+from redis.utils import HIREDIS_AVAILABLE
 
 #: What a ``queue_*`` method returns: its replies (in queueing order) -> its result.
 Finish = Callable[[list], Any]
@@ -22,6 +25,42 @@ def is_standalone(client) -> bool:
     """A plain Redis client, not a cluster one: one connection runs a whole pipeline, in order, and a
     multi-key command may name keys of any slot."""
     return isinstance(client, redis.Redis)
+
+
+class Packed(bytes):
+    """A whole command already written in RESP, queued as ``pipe.execute_command(Packed(...))``:
+    :class:`CommandPacker` sends it as it is.
+
+    Why: a radius-8 pHash query is an MGET of 188 keys, and redis-py checks and packs every argument
+    in Python. That was a third of a saturated worker's main thread (py-spy ``--gil``), while the keys
+    are rows of one NumPy array that can be written out as the command in one piece
+    (:mod:`imgdedup.hashindex`)."""
+
+
+class CommandPacker:
+    """redis-py's command packer (the ``command_packer`` connection option) that passes :class:`Packed`
+    commands through and packs every other command as redis-py itself would."""
+
+    def __init__(self):
+        self._default = (HiredisRespSerializer() if HIREDIS_AVAILABLE
+                         else PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode))
+
+    def pack(self, *args) -> list:
+        if len(args) == 1 and isinstance(args[0], Packed):
+            return [args[0]]
+        return self._default.pack(*args)
+
+
+def standalone_client(url: str, **kwargs) -> redis.Redis:
+    """A plain client whose connections accept :class:`Packed` commands."""
+    return redis.Redis.from_url(url, command_packer=CommandPacker(), **kwargs)
+
+
+def sends_packed(client) -> bool:
+    """Whether ``client``'s connections send :class:`Packed` commands as they are (a client not made
+    by :func:`standalone_client` would send one as a single bulk string, a command Redis rejects)."""
+    return is_standalone(client) and isinstance(
+        client.connection_pool.connection_kwargs.get("command_packer"), CommandPacker)
 
 
 class Parts:
