@@ -101,6 +101,9 @@ def test_hash_mih_vsim_memory_sections(kafka_broker, redis_server, redis_client,
     probe = details["hash"]["speed_probe"]  # the machine's speed just before and just after the worker
     assert probe["files"] == 6 and min(probe["before"], probe["after"]) > 0
     assert details["mih"]["mismatched_queries"] == 0 and details["mih"]["queries_with_matches"] > 0
+    # the batches went through the worker's pipeline path too, both ways, and were checked as well
+    assert details["mih"]["checked_queries"] > details["mih"]["queries"]
+    assert min(details["mih"]["pipelined_cpu_us"].values()) > 0
     assert [v["vectors"] for v in details["index"]["vsim"]] == [300, 600]
     assert all(v["recall_at_1"] >= 0.9 for v in details["index"]["vsim"])
     memory = details["index"]["memory"]

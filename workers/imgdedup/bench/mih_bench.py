@@ -4,6 +4,11 @@ The index is filled through ``PHashIndex.add`` (big batches) with mostly uniform
 clusters of near-identical ones, so queries meet real matches and crowded buckets. Queries are half
 perturbed copies of stored hashes (0 to radius + 2 bits flipped) and half uniform. Every MIH answer
 is compared with the brute-force answer (same ids, same distances): recall must be exact.
+
+The batched queries also go through a pipeline the way the worker sends them (``queue_query``), once
+with each query's MGET written in RESP from its keys' NumPy array (a client that takes ``Packed``
+commands, like the worker's) and once packed argument by argument by redis-py (a plain client), in
+alternating order: the main thread's CPU per query of each is the client-side cost of the worker's reads.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import time
 
 import numpy as np
 
+from imgdedup import roundtrip
 from imgdedup.bench.report import percentiles_ms
 from imgdedup.hashindex import PHashIndex
 from imgdedup.keys import Keys
@@ -79,6 +85,7 @@ def run_mih(
     batches: int,
     batch_size: int = 64,
     seed: int = 0,
+    packing_client=None,
 ) -> dict:
     rng = np.random.default_rng(seed)
     index = PHashIndex(client, Keys(key_prefix), tables, bucket_cap_bytes)
@@ -114,6 +121,7 @@ def run_mih(
         many_s.append(time.perf_counter() - start)
 
     mismatched = sum(a.matches != e for a, e in zip(answers, expected))
+    piped = _pipelined_cpu(index, packing_client, key_prefix, qlist[singles:], expected[singles:], radius, batch_size)
     brute_batches = [
         sum(brute_s[singles + b * batch_size : singles + (b + 1) * batch_size]) for b in range(batches)
     ]
@@ -126,7 +134,8 @@ def run_mih(
         "queries": n_queries,
         "queries_with_matches": sum(bool(e) for e in expected),
         "matches": sum(len(e) for e in expected),
-        "mismatched_queries": mismatched,
+        "mismatched_queries": mismatched + piped.pop("mismatched"),
+        "checked_queries": len(answers) + piped.pop("checked"),
         "probes_per_query": answers[0].probes if answers else 0,
         "mean_candidates": float(np.mean([a.candidates for a in answers])) if answers else 0.0,
         "mih_1_ms": percentiles_ms(one_s),
@@ -135,4 +144,25 @@ def run_mih(
         "batch_size": batch_size,
         "mih_batch_ms": percentiles_ms(many_s),
         "brute_batch_ms": percentiles_ms(brute_batches),
+        **piped,
     }
+
+
+def _pipelined_cpu(index: PHashIndex, packing_client, key_prefix: str, queries: list[int], expected: list,
+                   radius: int, batch_size: int) -> dict:
+    """Main-thread CPU per query of the batches sent as the worker sends them, packed MGETs against
+    MGETs packed by redis-py, alternating which goes first; every answer checked against brute force."""
+    paths = {"packed": PHashIndex(packing_client, Keys(key_prefix), index.tables, index.bucket_cap_bytes),
+             "redis-py": index}
+    cpu: dict[str, list[float]] = {name: [] for name in paths}
+    mismatched = checked = 0
+    for b, start in enumerate(range(0, len(queries) - batch_size + 1, batch_size)):
+        chunk = [(q, radius) for q in queries[start : start + batch_size]]
+        for name in sorted(paths, reverse=bool(b % 2)):
+            began = time.thread_time()
+            got = roundtrip.run(paths[name]._client, paths[name].queue_query, NS, chunk)
+            cpu[name].append((time.thread_time() - began) / len(chunk))
+            mismatched += sum(a.matches != e for a, e in zip(got, expected[start : start + batch_size]))
+            checked += len(got)
+    return {"pipelined_cpu_us": {name: float(np.median(v)) * 1e6 if v else float("nan") for name, v in cpu.items()},
+            "mismatched": mismatched, "checked": checked}
