@@ -85,7 +85,8 @@ def run_mih(
     batches: int,
     batch_size: int = 64,
     seed: int = 0,
-    packing_client=None,
+    *,
+    packing_client,
 ) -> dict:
     rng = np.random.default_rng(seed)
     index = PHashIndex(client, Keys(key_prefix), tables, bucket_cap_bytes)
@@ -121,7 +122,7 @@ def run_mih(
         many_s.append(time.perf_counter() - start)
 
     mismatched = sum(a.matches != e for a, e in zip(answers, expected))
-    piped = _pipelined_cpu(index, packing_client, key_prefix, qlist[singles:], expected[singles:], radius, batch_size)
+    piped = _pipelined_cpu(client, index, packing_client, key_prefix, qlist[singles:], expected[singles:], radius, batch_size)
     brute_batches = [
         sum(brute_s[singles + b * batch_size : singles + (b + 1) * batch_size]) for b in range(batches)
     ]
@@ -148,19 +149,21 @@ def run_mih(
     }
 
 
-def _pipelined_cpu(index: PHashIndex, packing_client, key_prefix: str, queries: list[int], expected: list,
-                   radius: int, batch_size: int) -> dict:
+def _pipelined_cpu(client, index: PHashIndex, packing_client, key_prefix: str, queries: list[int],
+                   expected: list, radius: int, batch_size: int) -> dict:
     """Main-thread CPU per query of the batches sent as the worker sends them, packed MGETs against
     MGETs packed by redis-py, alternating which goes first; every answer checked against brute force."""
-    paths = {"packed": PHashIndex(packing_client, Keys(key_prefix), index.tables, index.bucket_cap_bytes),
-             "redis-py": index}
+    paths = {"packed": (packing_client, PHashIndex(packing_client, Keys(key_prefix), index.tables,
+                                                   index.bucket_cap_bytes)),
+             "redis-py": (client, index)}
     cpu: dict[str, list[float]] = {name: [] for name in paths}
     mismatched = checked = 0
     for b, start in enumerate(range(0, len(queries) - batch_size + 1, batch_size)):
         chunk = [(q, radius) for q in queries[start : start + batch_size]]
         for name in sorted(paths, reverse=bool(b % 2)):
             began = time.thread_time()
-            got = roundtrip.run(paths[name]._client, paths[name].queue_query, NS, chunk)
+            sender, path = paths[name]
+            got = roundtrip.run(sender, path.queue_query, NS, chunk)
             cpu[name].append((time.thread_time() - began) / len(chunk))
             mismatched += sum(a.matches != e for a, e in zip(got, expected[start : start + batch_size]))
             checked += len(got)
