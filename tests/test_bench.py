@@ -129,6 +129,15 @@ def test_speed_probe_warns_only_when_the_machine_changed_speed():
     assert "15% faster" in probe_warning(200.0, 230.0)
 
 
+def test_decoder_process_cost_is_read_from_the_child_for_the_same_images_as_the_floor(corpus_files):
+    from imgdedup.bench.decode_bench import child_table
+
+    rows = child_table(corpus_files[:3], repeat=1, copies=8)
+    # ~2-4 ms of CPU per image each, read from /proc (10 ms ticks): only a broken reading is far off
+    assert set(rows) == {"decoder process (file:// sources)", "floor loop (bytes in memory)"}
+    assert all(0.3 < ms < 100 for ms in rows.values()), rows
+
+
 def test_paced_quarters_split_latency_by_sending_order_and_cpu_by_answer_marks():
     # 8 events, sent 0.1 s apart; the last two quarters are slow
     series = [[i / 10, 10.0 if i < 4 else 100.0 + i, 5.0] for i in range(8)]
