@@ -5,18 +5,23 @@ back, and a worker that outlives a decoder process dying."""
 from __future__ import annotations
 
 import base64
+import io
 import os
 import pickle
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from imgdedup import messages, metrics
 from imgdedup.config import load_settings
 from imgdedup.decode import decode
 from imgdedup.errors import DeadLetterError, ErrorCode
-from imgdedup.extract import DecodeProcesses, chunk_size
+from imgdedup.extract import DecodeProcesses, chunk_size, extract
 from imgdedup.features import phash64
+from imgdedup.fetch import Fetcher
 from imgdedup.pipeline import FeatureExtractor
 
 
@@ -184,3 +189,63 @@ def test_warm_starts_every_decoder_process_before_the_first_image(settings):
         assert procs.warm() == pids  # already warm: the same children answer
     finally:
         procs.close()
+
+
+# --- hostile bytes ------------------------------------------------------------------------------
+
+#: What a damaged or hostile file may become. INTERNAL_ERROR is not among them: it means an exception
+#: that decode does not expect, i.e. a bug, and a replayable dead letter instead of a verdict.
+HOSTILE_INPUT_CODES = {ErrorCode.NOT_AN_IMAGE, ErrorCode.DECODE_FAILED, ErrorCode.TOO_MANY_PIXELS}
+
+
+@pytest.fixture(scope="module")
+def format_seeds(corpus_files) -> list[bytes]:
+    """One small picture in every format decode accepts, in the modes that take their own code paths."""
+    from PIL import Image
+
+    picture = Image.open(corpus_files[0])
+    picture.thumbnail((96, 96))
+    seeds = [corpus_files[0].read_bytes()]
+    for fmt, mode, options in (("JPEG", "RGB", {"progressive": True}), ("JPEG", "CMYK", {}), ("JPEG", "L", {}),
+                               ("PNG", "RGBA", {}), ("PNG", "I;16", {}), ("GIF", "P", {}), ("WEBP", "RGB", {}),
+                               ("BMP", "RGB", {}), ("TIFF", "RGB", {"compression": "tiff_deflate"})):
+        buffer = io.BytesIO()
+        picture.convert(mode).save(buffer, fmt, **options)
+        seeds.append(buffer.getvalue())
+    return seeds
+
+
+#: (kind, where as a fraction of the file, a byte or a length)
+MUTATIONS = st.lists(st.tuples(st.sampled_from(("set", "delete", "truncate", "repeat", "header")),
+                               st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8)
+
+
+def mutated(data: bytes, mutations: list[tuple[str, float, int]]) -> bytes:
+    out = bytearray(data)
+    for kind, where, value in mutations:
+        at = int(where * len(out))
+        if kind == "set":
+            out[at] = value
+        elif kind == "delete":
+            del out[at:at + 1 + value]
+        elif kind == "truncate":
+            del out[max(1, at):]
+        elif kind == "repeat":
+            out[at:at] = out[at:at + 1 + value]
+        else:  # the first bytes hold the headers: sizes, component counts, offsets
+            out[int(where * min(len(out), 64))] = value
+        if len(out) < 2:
+            break
+    return bytes(out)
+
+
+@given(seed=st.integers(0, 9), mutations=MUTATIONS, luma=st.booleans())
+@hyp_settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_damaged_files_in_every_format_get_a_verdict_or_a_specific_dead_letter(format_seeds, settings, seed,
+                                                                             mutations, luma):
+    data = mutated(format_seeds[seed], mutations)
+    result, _ = extract(data, Fetcher(settings), settings, min_side=0 if luma else 224)
+    if isinstance(result, DeadLetterError):
+        assert result.code in HOSTILE_INPUT_CODES, result
+    else:
+        assert 0 <= result.features.phash < 2**64 and len(result.features.sha256) == 64
