@@ -121,13 +121,31 @@ def test_every_read_path_with_a_shared_bucket_batch(redis_client, packing_client
     assert any(len(a) > 1 for a in expected)
 
 
-def test_the_packing_client_packs_other_commands_as_redis_py_does(packing_client):
-    from redis.connection import HiredisRespSerializer
+#: Commands as the worker and redis-py's own methods send them, and the argument kinds redis-py converts.
+ORDINARY_COMMANDS = [
+    ("HSET", "k:{a}", "f", b"\x00bin", 7, 1.5, -2**63, "näme/ünicode"),
+    ("EVALSHA", "3f786850e387550fdab836ed7e6dc881de23001b", 1, "k", "0123456789abcdefid\n", 200000),
+    ("CLIENT SETNAME", "imgdedup"),  # a two-word name: redis-py splits it
+    (b"SET", b"k", b"v"),
+    (b"CONFIG GET", b"maxmemory"),
+    ("SET", bytearray(b"k"), memoryview(b"v")),  # hiredis refuses both; redis-py turns them into bytes
+    ("SET", "", b""),
+]
 
-    args = ("HSET", "k:{a}", "f", b"\x00bin", 7, 1.5)
-    assert roundtrip.CommandPacker().pack(*args) == HiredisRespSerializer().pack(*args)
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_packing_client_packs_other_commands_as_redis_py_does(packing_client, fast):
+    from redis.connection import HiredisRespSerializer
+    from redis.exceptions import DataError
+
+    packer = roundtrip.CommandPacker(fast)
+    for args in ORDINARY_COMMANDS:
+        assert packer.pack(*args) == HiredisRespSerializer().pack(*args), args
+    for bad in (("SET", "k", None), ("SET", "k", {"a": 1})):
+        with pytest.raises(DataError):
+            packer.pack(*bad)
     packed = roundtrip.Packed(b"*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\n")
-    assert roundtrip.CommandPacker().pack(packed) == [packed]
+    assert packer.pack(packed) == [packed]
     pipe = packing_client.pipeline(transaction=False)
     pipe.execute_command(packed)
     pipe.set("plain", "value")
