@@ -108,6 +108,9 @@ def test_hash_mih_vsim_memory_sections(kafka_broker, redis_server, redis_client,
     assert all(v["recall_at_1"] >= 0.9 for v in details["index"]["vsim"])
     memory = details["index"]["memory"]
     assert min(memory["phash_tables_b"], memory["sscd_vector_b"], memory["record_b"]) > 0
+    # the record sample went through both command packers, batch by batch
+    assert set(memory["index_cpu_us_per_image"]) == {"worker", "redis-py"}
+    assert min(memory["index_cpu_us_per_image"].values()) > 0
     assert not list(redis_client.scan_iter(match="bench*", count=1000))  # the bench removed its keys
 
 

@@ -384,9 +384,15 @@ def bench_index(stack, settings, sizes: Sizes, budget_s: float, seed: int, grow:
         + (f"; up to {wanted[-1]:,} vectors if the fill fits {budget_s:g}s" if len(wanted) > 1 else "")
     )
     client = stack.client()
+    url = settings.redis_url.get_secret_value()
+    record_clients = {"worker": roundtrip.standalone_client(url),
+                      "redis-py": roundtrip.standalone_client(url, fast_packing=False)}
     try:
-        return run_index(client, s, wanted, sizes.queries, sizes.records, budget_s, seed=seed)
+        return run_index(client, s, wanted, sizes.queries, sizes.records, budget_s, seed=seed,
+                         record_clients=record_clients)
     finally:
+        for c in record_clients.values():
+            c.close()
         stack.clean(client, prefix)
 
 
@@ -438,6 +444,15 @@ def memory_rows(r: dict) -> list[Row]:
             f"record + SHA-256 set + commit order per image (sample of {m['record_sample']:,})",
             m["record_b"],
             "B",
+        ),
+        Row(
+            "memory",
+            "client CPU per image, IndexStore.index of the record sample, the worker's command packer",
+            m["index_cpu_us_per_image"]["worker"],
+            "us",
+            "the same, commands packed by redis-py",
+            m["index_cpu_us_per_image"]["redis-py"],
+            m["index_cpu_us_per_image"]["redis-py"] / m["index_cpu_us_per_image"]["worker"],
         ),
         Row(
             "memory",

@@ -9,6 +9,9 @@ says where the bytes go:
 3. records and the rest of ``IndexStore.index`` (record hash, SHA-256 set, commit order, decision) for a
    sample of those images: re-adding their pHash members and vectors changes nothing, so the memory
    delta is what the records cost. (Indexing every image this way would spend minutes on queries.)
+   The sample's batches alternate between two clients that differ only in how they pack commands (the
+   worker's :class:`~imgdedup.roundtrip.CommandPacker`, and redis-py's own packing), and the main
+   thread's CPU per image of each is reported.
 
 Then, if the measured VADD rate says it fits in ``budget_s``, the namespace grows to the next size and
 VSIM is measured again. Inputs are random pHashes and random unit 512-d vectors with realistic ids.
@@ -97,9 +100,12 @@ def timed_queries(store: IndexStore, queries: np.ndarray, per_call: int, k: int)
     return times, answers
 
 
-def add_records(store: IndexStore, corpus: Corpus, count: int, batch: int) -> None:
-    """The full IndexStore.index path (write, commit, query, decide) for the first ``count`` images."""
-    for start in range(0, count, batch):
+def add_records(stores: dict[str, IndexStore], corpus: Corpus, count: int, batch: int) -> dict[str, float]:
+    """The full IndexStore.index path (write, commit, query, decide) for the first ``count`` images, one
+    batch per store in turn; the median main-thread CPU microseconds per image of each store's batches."""
+    cpu: dict[str, list[float]] = {name: [] for name in stores}
+    for b, start in enumerate(range(0, count, batch)):
+        name = list(stores)[b % len(stores)]
         images = [
             ImageFeatures(
                 NS,
@@ -112,7 +118,10 @@ def add_records(store: IndexStore, corpus: Corpus, count: int, batch: int) -> No
             )
             for i in range(start, min(start + batch, count))
         ]
-        store.index(images, store.records([(NS, img.image_id) for img in images]))
+        began = time.thread_time()
+        stores[name].index(images, stores[name].records([(NS, img.image_id) for img in images]))
+        cpu[name].append((time.thread_time() - began) / len(images))
+    return {name: float(np.median(v)) * 1e6 if v else float("nan") for name, v in cpu.items()}
 
 
 def vsim_latency(
@@ -151,10 +160,16 @@ def vsim_latency(
 
 
 def run_index(
-    client, settings: Settings, sizes: list[int], queries: int, records: int, budget_s: float, seed: int = 0
+    client, settings: Settings, sizes: list[int], queries: int, records: int, budget_s: float, seed: int = 0,
+    *, record_clients: dict[str, object],
 ) -> dict:
-    """Memory per component at ``sizes[0]`` images, VSIM there and at each further size that fits the budget."""
-    store = IndexStore(client, settings, build_vector_index(client, Keys(settings.key_prefix), settings))
+    """Memory per component at ``sizes[0]`` images, VSIM there and at each further size that fits the
+    budget; the record sample is indexed through each of ``record_clients`` (name -> client) in turn."""
+
+    def store_of(redis_client) -> IndexStore:
+        return IndexStore(redis_client, settings, build_vector_index(redis_client, Keys(settings.key_prefix), settings))
+
+    store = store_of(client)
     corpus, rng = Corpus(seed), np.random.default_rng(seed + 1)
     k, size = settings.vector_candidates + 1, sizes[0]
     corpus.grow(size)
@@ -164,7 +179,10 @@ def run_index(
     rate = add_vectors(store, corpus, 0, size)
     after_vectors = _memory(client)
     records = min(records, size)
-    add_records(store, corpus, records, settings.batch_size)
+    record_cpu_us = add_records({name: store_of(c) for name, c in record_clients.items()}, corpus, records,
+                                settings.batch_size)
+    for c in record_clients.values():  # their query buffers would count in used_memory (add_vectors)
+        c.connection_pool.disconnect()
     after_records = _memory(client)
     memory = {
         "images": size,
@@ -172,6 +190,7 @@ def run_index(
         "phash_tables_b": (after_phash - before) / size,
         "sscd_vector_b": (after_vectors - after_phash) / size,
         "record_b": (after_records - after_vectors) / records,
+        "index_cpu_us_per_image": record_cpu_us,
     }
     memory["total_b"] = memory["phash_tables_b"] + memory["sscd_vector_b"] + memory["record_b"]
     vsim = [dict(vsim_latency(store, corpus, size, queries, k, settings.batch_size, rng), vadd_per_s=rate)]
