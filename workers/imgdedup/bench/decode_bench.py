@@ -226,7 +226,11 @@ def _timed_steps(data: bytes, mode: str) -> list[float]:
 CHILD_SUBMIT = 32
 
 
-def child_table(paths: list[Path], repeat: int, copies: int = 4) -> dict[str, float]:
+#: Passes over the files per run of ``child_table``: enough CPU time per run for /proc's 10 ms ticks.
+CHILD_COPIES = 4
+
+
+def child_table(paths: list[Path], repeat: int, copies: int = CHILD_COPIES) -> dict[str, float]:
     """Least CPU ms per image of one decoder process and of the floor loop, alternating runs.
 
     Why: the bench's "decoder processes CPU per event" sits above the floor's CPU per image in some
@@ -245,7 +249,7 @@ def child_table(paths: list[Path], repeat: int, copies: int = 4) -> dict[str, fl
         for _ in range(repeat):
             started = cpu_seconds(pid)
             futures = [f for i in range(0, len(sources), CHILD_SUBMIT) for f in pool.submit(sources[i:i + CHILD_SUBMIT])]
-            failed = [f.result() for f in futures if isinstance(f.result(), DeadLetterError)]
+            failed = [r for r in (f.result() for f in futures) if isinstance(r, DeadLetterError)]
             if failed:
                 raise RuntimeError(f"the decoder process failed {len(failed)} images: {failed[0]}")
             spent = {"decoder process (file:// sources)": cpu_seconds(pid) - started}
@@ -287,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         for mode, step, ms in gil_table(blobs, args.repeat):
             print(f"{mode:<6} {step:<52} {ms:>6.2f}")
     if args.only == "child":
-        print(f"CPU ms per image, least of {args.repeat} alternating runs over {len(paths) * 4} images; load {_load()}")
+        print(f"CPU ms per image, least of {args.repeat} alternating runs over {len(paths) * CHILD_COPIES} images;"
+              f" load {_load()}")
         (child, child_ms), (floor, floor_ms) = child_table(paths, args.repeat).items()
         print(f"{child:<36} {child_ms:>6.2f}\n{floor:<36} {floor_ms:>6.2f}")
         print(f"{'decoder process ÷ floor loop':<36} {child_ms / floor_ms:>6.2f}")
