@@ -18,7 +18,7 @@ import click
 
 from imgdedup import devstack, roundtrip
 from imgdedup.bench import report
-from imgdedup.bench.report import Row, latency_row, rate_row
+from imgdedup.bench.report import Row, cost_row, latency_row, rate_row
 
 SECTIONS = ("hash", "sscd", "mih", "vsim", "memory")
 P99_TARGET_MS = 50.0
@@ -353,14 +353,13 @@ def mih_rows(r: dict) -> list[Row]:
             f"{brute} x {b}",
             r["brute_batch_ms"]["p99"],
         ),
-        Row(
+        cost_row(
             "mih",
             f"client CPU per query, {b} per pipeline as the worker sends them {n}",
             r["pipelined_cpu_us"]["packed"],
             "us",
             "the same, MGETs packed by redis-py",
             r["pipelined_cpu_us"]["redis-py"],
-            r["pipelined_cpu_us"]["redis-py"] / r["pipelined_cpu_us"]["packed"],
         ),
         Row(
             "mih",
@@ -445,14 +444,13 @@ def memory_rows(r: dict) -> list[Row]:
             m["record_b"],
             "B",
         ),
-        Row(
+        cost_row(
             "memory",
             "client CPU per image, IndexStore.index of the record sample, the worker's command packer",
             m["index_cpu_us_per_image"]["worker"],
             "us",
             "the same, commands packed by redis-py",
             m["index_cpu_us_per_image"]["redis-py"],
-            m["index_cpu_us_per_image"]["redis-py"] / m["index_cpu_us_per_image"]["worker"],
         ),
         Row(
             "memory",

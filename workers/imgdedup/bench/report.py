@@ -59,6 +59,12 @@ def rate_row(
     )
 
 
+def cost_row(section: str, measure: str, value: float, unit: str, baseline: str, baseline_value: float) -> Row:
+    """A lower-is-better measure (CPU per query or per image) against the same work done another way."""
+    ratio = baseline_value / value if baseline_value and value else None
+    return Row(section, measure, value, unit, baseline, baseline_value, ratio)
+
+
 def latency_row(
     section: str,
     measure: str,
