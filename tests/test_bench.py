@@ -141,6 +141,18 @@ def test_decoder_process_cost_is_read_from_the_child_for_the_same_images_as_the_
     assert all(0.3 < ms < 100 for ms in rows.values()), rows
 
 
+def test_completion_bench_decides_every_event_from_cached_features(tmp_path):
+    from imgdedup.bench.complete_bench import measure
+
+    # the 78 distinct bases and 12 JPEG q75 copies of some of them: each copy and its base make one
+    # unique verdict and one near duplicate, whichever arrives first
+    outcomes, spent = measure(90, rounds=2, out=tmp_path)
+    assert dict(outcomes) == {"unique": 78, "near_duplicate": 12}
+    assert len(spent) == 2 and all(us > 0 for us in spent)
+    assert (tmp_path / "complete-bench-features-90.pickle").exists()
+    assert measure(90, rounds=1, out=tmp_path)[0] == outcomes  # the same from the cached features
+
+
 def test_paced_quarters_split_latency_by_sending_order_and_cpu_by_answer_marks():
     # 8 events, sent 0.1 s apart; the last two quarters are slow
     series = [[i / 10, 10.0 if i < 4 else 100.0 + i, 5.0] for i in range(8)]

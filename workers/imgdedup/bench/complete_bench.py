@@ -1,0 +1,107 @@
+"""The worker's main-thread CPU per event once its images are decoded: `Pipeline.complete` (records,
+index writes, queries, the verdict policy) and the verdicts' JSON, on the hash section's files in its
+arrival order, against a Redis of its own.
+
+Why: the hash section reads the main thread's CPU per event off a live worker, where Kafka, the decoder
+processes and the machine's other load move it by tens of percent from run to run. Here the features
+are computed first, so the measured loop is the main thread's own work and nothing else, and a change
+to it can be compared with the revision before by running this module on each in turn (alternating,
+several times: the VM's speed still moves between runs).
+
+    python -m imgdedup.bench.complete_bench --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+from pydantic import SecretStr
+
+from imgdedup import devstack, messages
+from imgdedup.bench.data import bench_files, corpus_dir
+from imgdedup.bench.stream import arrival_order, make_events
+from imgdedup.config import load_settings
+from imgdedup.extract import Prepared, extract
+from imgdedup.fetch import Fetcher
+from imgdedup.pipeline import InputRecord, Pending, Pipeline
+
+#: Events per `Pipeline.complete` call: the worker's default batch size.
+BATCH = 64
+
+
+def prepared_features(files: list[Path], settings, cache: Path) -> dict[str, Prepared]:
+    """Each file's features (image_id = file stem) as a decoder process returns them, kept in ``cache``."""
+    if cache.exists():
+        stored = pickle.loads(cache.read_bytes())
+        if set(stored) == {p.stem for p in files}:
+            return stored
+    fetcher = Fetcher(settings)
+    out = {}
+    for path in files:
+        result, _ = extract({"uri": path.resolve().as_uri()}, fetcher, settings)
+        out[path.stem] = result if not isinstance(result, Prepared) else result._replace(picture=None)
+    cache.write_bytes(pickle.dumps(out))
+    return out
+
+
+def complete_once(pipeline: Pipeline, records: list[InputRecord], features: dict) -> tuple[float, Counter]:
+    """One pass over the events on an empty Redis: main-thread CPU seconds, and the outcomes."""
+    pipeline.client.flushall()
+    outcomes: Counter = Counter()
+    started = time.thread_time()
+    for start in range(0, len(records), BATCH):
+        batch = records[start:start + BATCH]
+        parsed = [pipeline._parse(record) for record in batch]
+        prepared = {}
+        for i, event in enumerate(parsed):
+            prepared[i] = Future()
+            prepared[i].set_result(features[event.image_id])
+        for output in pipeline.complete(Pending(batch, parsed, prepared)):
+            messages.encode(output.message)
+            outcomes[output.message.get("verdict", output.kind)] += 1
+    return time.thread_time() - started, outcomes
+
+
+def measure(images: int, rounds: int, out: Path) -> tuple[Counter, list[float]]:
+    """The outcomes of one pass, and each pass' main-thread CPU per event in microseconds."""
+    cache = out / "bench-variants"
+    files = arrival_order(bench_files(sorted(corpus_dir().glob("*.jpg")), images, cache))
+    settings = load_settings(file_roots=[corpus_dir(), cache], sscd_enabled=False, decode_processes=0)
+    features = prepared_features(files, settings, out / f"complete-bench-features-{len(files)}.pickle")
+    records = [InputRecord(messages.encode(event), None, "in", 0, offset)
+               for offset, event in enumerate(make_events(files, "bench", inline=False))]
+    spent = []
+    with tempfile.TemporaryDirectory(prefix="imgdedup-complete-") as workdir:
+        redis_server = devstack.start_redis(devstack.free_port(), Path(workdir) / "redis", persist=False)
+        pipeline = Pipeline(settings.model_copy(update={"redis_url": SecretStr(redis_server.address)}), embedders=[])
+        try:
+            for _ in range(rounds):
+                seconds, outcomes = complete_once(pipeline, records, features)
+                spent.append(seconds * 1e6 / len(records))
+        finally:
+            pipeline.close()
+            redis_server.stop()
+    return outcomes, spent
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2418, help="distinct files: corpus plus variants (as the bench)")
+    parser.add_argument("--rounds", type=int, default=8, help="passes over the events; min and median are printed")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="where the variants and features are cached")
+    args = parser.parse_args(argv)
+    outcomes, spent = measure(args.images, args.rounds, args.out)
+    print(f"{sum(outcomes.values())} events, batches of {BATCH}; outcomes {dict(sorted(outcomes.items()))}")
+    print(f"main-thread CPU per event, us: min {min(spent):.0f}, median {np.median(spent):.0f} "
+          f"(rounds: {', '.join(f'{s:.0f}' for s in spent)})")
+
+
+if __name__ == "__main__":
+    main()
