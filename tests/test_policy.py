@@ -53,3 +53,16 @@ def test_clip_is_evidence_not_a_verdict_unless_enabled():
 def test_matches_are_capped():
     many = [cand(f"i{k}", k, Evidence(f"i{k}", "phash", distance=k % 5)) for k in range(1, 30)]
     assert len(decide(100, many, max_matches=7).matches) == 7
+
+
+def test_capped_matches_are_the_strongest_deciding_evidence_then_the_informative():
+    two = cand("two", 1, Evidence("two", "phash", distance=3), Evidence("two", "sscd", similarity=0.9))
+    near = cand("near", 2, Evidence("near", "phash", distance=1))
+    semantic = cand("cat", 3, Evidence("cat", "clip", similarity=0.97))
+
+    def listed(cap):
+        return [(m["image_id"], m["signal"]) for m in decide(9, [semantic, near, two], max_matches=cap).matches]
+
+    assert listed(10) == [("two", "phash"), ("two", "sscd"), ("near", "phash"), ("cat", "clip")]
+    assert listed(3) == listed(10)[:3]
+    assert listed(1) == [("two", "phash")]  # the cap can cut a candidate's own evidence

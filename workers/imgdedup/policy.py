@@ -73,11 +73,20 @@ def decide(own_seq: int, candidates: list[Candidate], *, clip_is_duplicate_signa
     duplicate (clip by default) is still listed, after the deciding matches, so a moderator sees it.
     """
     duplicate_signals = NEAR_SIGNALS + (("clip",) if clip_is_duplicate_signal else ())
-    earlier = [c for c in candidates if c.seq is not None and c.seq < own_seq and c.evidence]
-    deciding = [c for c in earlier if any(e.signal in ("sha256", *duplicate_signals) for e in c.evidence)]
+    can_decide = {"sha256", *duplicate_signals}
+    deciding: list[Candidate] = []
+    informative: list[Candidate] = []
+    for c in candidates:
+        if c.seq is not None and c.seq < own_seq and c.evidence:
+            (deciding if any(e.signal in can_decide for e in c.evidence) else informative).append(c)
     deciding.sort(key=lambda c: _strength(c, duplicate_signals))
-    informative = sorted((c for c in earlier if c not in deciding), key=lambda c: _strength(c, duplicate_signals))
-    matches = [m for c in deciding + informative for m in _match_entries(c)][:max_matches]
+    informative.sort(key=lambda c: _strength(c, duplicate_signals))
+    matches: list[dict] = []
+    for c in deciding + informative:  # a catalog of copies gives dozens of candidates; list only max_matches
+        if len(matches) >= max_matches:
+            break
+        matches += _match_entries(c)
+    del matches[max_matches:]
     if not deciding:
         return Decision("unique", None, matches)
     best = deciding[0]
