@@ -297,8 +297,10 @@ def _verify(queries: list[tuple[int, int]], probes: list[int], buckets: list[lis
         radii = np.array([radius for _, radius in queries])
         distances = np.bitwise_count(hashes ^ wanted[owner])
         counts = np.bincount(owner, minlength=len(queries)).tolist()
-        for i in np.flatnonzero(distances <= radii[owner]).tolist():
-            image_id, distance, seen = _unescape(buffer[starts[i] + 16 : ends[i]]), int(distances[i]), best[owner[i]]
+        hits = np.flatnonzero(distances <= radii[owner])
+        # Python ints from here: indexing NumPy arrays one hit at a time cost more than the check itself.
+        for start, end, query, distance in zip(*(a[hits].tolist() for a in (starts, ends, owner, distances))):
+            image_id, seen = _unescape(buffer[start + 16 : end]), best[query]
             seen[image_id] = min(distance, seen.get(image_id, distance))  # one image, two pHashes: the nearer
     return [
         QueryResult(sorted(found.items(), key=lambda m: (m[1], m[0])), probe_count, count)
