@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from pydantic import SecretStr
 
 from imgdedup import devstack, messages
 from imgdedup.bench.data import bench_files, corpus_dir
-from imgdedup.bench.stream import arrival_order, make_events
+from imgdedup.bench.stream import arrival_order, cpu_seconds, make_events
 from imgdedup.config import load_settings
 from imgdedup.extract import Prepared, extract
 from imgdedup.fetch import Fetcher
@@ -51,10 +52,21 @@ def prepared_features(files: list[Path], settings, cache: Path) -> dict[str, Pre
     return out
 
 
-def complete_once(pipeline: Pipeline, records: list[InputRecord], features: dict) -> tuple[float, Counter]:
-    """One pass over the events on an empty Redis: main-thread CPU seconds, and the outcomes."""
+@dataclass
+class Pass:
+    """One pass over the events: its outcomes and what it cost."""
+
+    outcomes: Counter
+    cpu_seconds: float  # this thread's
+    redis_commands: int  # counted by Redis itself: the same on every pass of the same code
+    redis_cpu_seconds: float
+
+
+def complete_once(pipeline: Pipeline, records: list[InputRecord], features: dict, redis_pid: int) -> Pass:
+    """One pass over the events on an empty Redis."""
     pipeline.client.flushall()
     outcomes: Counter = Counter()
+    commands, redis_cpu = _redis_commands(pipeline.client), cpu_seconds(redis_pid)
     started = time.thread_time()
     for start in range(0, len(records), BATCH):
         batch = records[start:start + BATCH]
@@ -66,29 +78,30 @@ def complete_once(pipeline: Pipeline, records: list[InputRecord], features: dict
         for output in pipeline.complete(Pending(batch, parsed, prepared)):
             messages.encode(output.message)
             outcomes[output.message.get("verdict", output.kind)] += 1
-    return time.thread_time() - started, outcomes
+    spent = time.thread_time() - started
+    return Pass(outcomes, spent, _redis_commands(pipeline.client) - commands - 1, cpu_seconds(redis_pid) - redis_cpu)
 
 
-def measure(images: int, rounds: int, out: Path) -> tuple[Counter, list[float]]:
-    """The outcomes of one pass, and each pass' main-thread CPU per event in microseconds."""
+def _redis_commands(client) -> int:
+    return int(client.info("stats")["total_commands_processed"])
+
+
+def measure(images: int, rounds: int, out: Path) -> list[Pass]:
+    """``rounds`` passes over the events of ``images`` files, each on an empty Redis of its own."""
     cache = out / "bench-variants"
     files = arrival_order(bench_files(sorted(corpus_dir().glob("*.jpg")), images, cache))
     settings = load_settings(file_roots=[corpus_dir(), cache], sscd_enabled=False, decode_processes=0)
     features = prepared_features(files, settings, out / f"complete-bench-features-{len(files)}.pickle")
     records = [InputRecord(messages.encode(event), None, "in", 0, offset)
                for offset, event in enumerate(make_events(files, "bench", inline=False))]
-    spent = []
     with tempfile.TemporaryDirectory(prefix="imgdedup-complete-") as workdir:
         redis_server = devstack.start_redis(devstack.free_port(), Path(workdir) / "redis", persist=False)
         pipeline = Pipeline(settings.model_copy(update={"redis_url": SecretStr(redis_server.address)}), embedders=[])
         try:
-            for _ in range(rounds):
-                seconds, outcomes = complete_once(pipeline, records, features)
-                spent.append(seconds * 1e6 / len(records))
+            return [complete_once(pipeline, records, features, redis_server.process.pid) for _ in range(rounds)]
         finally:
             pipeline.close()
             redis_server.stop()
-    return outcomes, spent
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,10 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=8, help="passes over the events; min and median are printed")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="where the variants and features are cached")
     args = parser.parse_args(argv)
-    outcomes, spent = measure(args.images, args.rounds, args.out)
-    print(f"{sum(outcomes.values())} events, batches of {BATCH}; outcomes {dict(sorted(outcomes.items()))}")
-    print(f"main-thread CPU per event, us: min {min(spent):.0f}, median {np.median(spent):.0f} "
-          f"(rounds: {', '.join(f'{s:.0f}' for s in spent)})")
+    passes = measure(args.images, args.rounds, args.out)
+    events = sum(passes[0].outcomes.values())
+    print(f"{events} events, batches of {BATCH}; outcomes {dict(sorted(passes[0].outcomes.items()))}; "
+          f"Redis commands per event {passes[0].redis_commands / events:.2f}")
+    for label, values in (("main-thread CPU", [p.cpu_seconds for p in passes]),
+                          ("Redis CPU", [p.redis_cpu_seconds for p in passes])):
+        per_event = [v * 1e6 / events for v in values]
+        print(f"{label} per event, us: min {min(per_event):.0f}, median {np.median(per_event):.0f} "
+              f"(passes: {', '.join(f'{v:.0f}' for v in per_event)})")
 
 
 if __name__ == "__main__":
