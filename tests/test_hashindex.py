@@ -70,7 +70,9 @@ def packing_client(redis_server) -> redis.Redis:
 
 
 #: The read paths: (PHashIndex direct_reads, whether the client takes Packed commands, queries through
-#: a pipeline as the worker's IndexStore does rather than through PHashIndex.query).
+#: a pipeline as the worker's IndexStore does rather than through PHashIndex.query). The cluster-like
+#: path also writes as on a cluster, one bucket per script run (the others: a batch's buckets per run,
+#: 512 at most, so the shared-bucket test's batches take several runs).
 READ_PATHS = {
     "query: MGETs on a raw connection": (True, False, False),
     "pipeline: packed MGETs (the worker's)": (True, True, True),
@@ -82,7 +84,7 @@ READ_PATHS = {
 def run_queries(client, packing_client, prefix: str, tables: int, path: str, ns: str, items, queries):
     direct, packed, piped = READ_PATHS[path]
     index = PHashIndex(packing_client if packed else client, Keys(prefix), tables, bucket_cap_bytes=10**9,
-                       direct_reads=direct)
+                       direct_reads=direct, batched_writes=direct)
     assert index._packed == packed
     added = index.add(ns, items)
     assert all(not a.capped for a in added)
@@ -176,9 +178,10 @@ def _capped_count() -> float:
 ENTRY = 16 + 2 + 1  # bytes of one bucket entry of the ids below: hex pHash, "c0".."c9", newline
 
 
-def test_full_bucket_never_grows_and_is_reported(redis_client, key_prefix):
+@pytest.mark.parametrize("batched", [True, False], ids=["batch per script run", "bucket per script run"])
+def test_full_bucket_never_grows_and_is_reported(redis_client, key_prefix, batched):
     keys = Keys(key_prefix)
-    index = PHashIndex(redis_client, keys, 4, bucket_cap_bytes=3 * ENTRY)
+    index = PHashIndex(redis_client, keys, 4, bucket_cap_bytes=3 * ENTRY, batched_writes=batched)
     rng = np.random.default_rng(1)
     # Same top 16 bits (table 0 bucket "abcd"), random elsewhere (their own buckets in tables 1-3).
     hashes = [(0xABCD << 48) | int(v) for v in rng.integers(0, 1 << 48, 10)]
@@ -202,7 +205,7 @@ def test_full_bucket_never_grows_and_is_reported(redis_client, key_prefix):
     assert _entries(redis_client, bucket) == 3
     # Lowering the cap refuses new members but never evicts ones already written (their records
     # say they are there).
-    smaller = PHashIndex(redis_client, keys, 4, bucket_cap_bytes=ENTRY)
+    smaller = PHashIndex(redis_client, keys, 4, bucket_cap_bytes=ENTRY, batched_writes=batched)
     assert [r.capped for r in smaller.add("ns", [items[1], items[2], items[3]])] == [[], [], [0]]
     assert _entries(redis_client, bucket) == 3
 

@@ -38,19 +38,25 @@ _NEWLINE = ord("\n")
 _FULL = -1
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
-# KEYS[1] = a bucket, ARGV[1] = the entry (ends with a newline), ARGV[2] = the cap in bytes.
-# Returns 1 if appended, 0 if it was there already, -1 if it would take the bucket over the cap.
-# The cap is in bytes because a string's length is known at once while counting entries means
-# scanning it on every add; bytes are also what a query pays for. SET of the whole value
-# rather than APPEND, which would over-allocate the string for growth (up to twice its size).
+# KEYS = buckets, ARGV[1] = the cap in bytes, ARGV[1 + i] = the entry (ends with a newline) for KEYS[i].
+# Returns per bucket 1 if appended, 0 if it was there already, -1 if it would take the bucket over the
+# cap. The cap is in bytes because a string's length is known at once while counting entries means
+# scanning it on every add; bytes are also what a query pays for. SET of the whole value rather than
+# APPEND, which would over-allocate the string for growth (up to twice its size). A standalone Redis
+# gets a whole batch's buckets in one run (see PHashIndex.queue_add); a cluster one bucket per run.
 _APPEND_LUA = """
-local blob = redis.call('GET', KEYS[1]) or ''
-local entry = ARGV[1]
-if string.sub(blob, 1, #entry) == entry or string.find(blob, '\\n' .. entry, 1, true) then return 0 end
-if #blob + #entry > tonumber(ARGV[2]) then return -1 end
-redis.call('SET', KEYS[1], blob .. entry)
-return 1
+local cap, out = tonumber(ARGV[1]), {}
+for i, key in ipairs(KEYS) do
+  local blob, entry = redis.call('GET', key) or '', ARGV[i + 1]
+  if string.sub(blob, 1, #entry) == entry or string.find(blob, '\\n' .. entry, 1, true) then out[i] = 0
+  elseif #blob + #entry > cap then out[i] = -1
+  else redis.call('SET', key, blob .. entry); out[i] = 1 end
+end
+return out
 """
+
+#: Buckets per append script on a standalone Redis: one run blocks the server, so a huge batch is cut.
+APPEND_BUCKETS_PER_RUN = 512
 
 # KEYS[1] = a bucket, ARGV[1] = the entry. Removes it; deletes the bucket when it empties. Returns 1 if found.
 _CUT_LUA = """
@@ -98,7 +104,7 @@ class PHashIndex:
     """Add, remove and radius-query pHashes in batches, one round trip per batch."""
 
     def __init__(self, client, keys: Keys, tables: int, bucket_cap_bytes: int, *, max_probes: int = 1 << 16,
-                 direct_reads: bool | None = None):
+                 direct_reads: bool | None = None, batched_writes: bool | None = None):
         self._client = client
         self._keys = keys
         self.tables = tables
@@ -110,6 +116,8 @@ class PHashIndex:
         if direct_reads is None:
             direct_reads = is_standalone(client)
         self._direct_reads = direct_reads
+        # A script may touch keys of one cluster slot only, and every bucket has a slot of its own.
+        self._batched_writes = is_standalone(client) if batched_writes is None else batched_writes
         self._packed = direct_reads and sends_packed(client)
 
     # --- writes --------------------------------------------------------------------------------
@@ -126,11 +134,16 @@ class PHashIndex:
         """
         unique = list(dict.fromkeys((image_id, _check_phash(phash)) for image_id, phash in items))
         writes = self._bucket_writes(ns, unique) if unique else []
-        for key, entry, _, _ in writes:
-            queue_eval(pipe, _APPEND_LUA, [key], [entry, self.bucket_cap_bytes])
+        # One script run per bucket costs Redis and the client a command each (four per image).
+        per_run = APPEND_BUCKETS_PER_RUN if self._batched_writes else 1
+        for start in range(0, len(writes), per_run):
+            chunk = writes[start:start + per_run]
+            queue_eval(pipe, _APPEND_LUA, [key for key, _, _, _ in chunk],
+                       [self.bucket_cap_bytes, *(entry for _, entry, _, _ in chunk)])
 
         def finish(replies: list) -> list[AddResult]:
-            refused = [w for w, status in zip(writes, replies) if status == _FULL]
+            statuses = [status for chunk in replies for status in chunk]
+            refused = [w for w, status in zip(writes, statuses) if status == _FULL]
             if refused:
                 metrics.MIH_CAPPED.inc(len(refused))
             written = {(item, t): hexstr for _, _, (item, t), hexstr in writes}
