@@ -78,3 +78,16 @@ def test_a_standalone_redis_answers_the_queries_in_the_writes_round_trip(redis_c
     assert (second.decision.verdict, second.decision.duplicate_of) == ("near_duplicate", "a")
     assert second.seq == first.seq + 1  # committed in the order given, and each saw the other's entry
     assert {m["image_id"] for m in second.decision.matches} == {"a", "b"}
+
+
+def test_a_batch_over_two_namespaces_commits_each_in_batch_order_and_a_replay_keeps_the_numbers(
+        redis_client, make_settings):
+    """One commit script per namespace numbers that namespace's images in the order they came in the
+    batch, whatever the other namespace's images around them; committing again returns the same numbers."""
+    store = IndexStore(redis_client, make_settings())
+    images = [ImageFeatures(ns, f"{ns}-{i}", f"e-{ns}-{i}", f"{i:064x}", 0x1111 * (i + 1), False)
+              for i, ns in enumerate(["shop1", "shop2", "shop2", "shop1", "shop2"])]
+    seqs = [indexed.seq for indexed in store.index(images, [None] * 5)]
+    assert seqs == [1, 1, 2, 2, 3]
+    replay = store.index(images[::-1], store.records([(img.namespace, img.image_id) for img in images[::-1]]))
+    assert [indexed.seq for indexed in replay] == seqs[::-1]

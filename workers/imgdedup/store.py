@@ -33,14 +33,19 @@ from imgdedup.policy import Candidate, Decision, Evidence, decide
 from imgdedup.roundtrip import Finish, Parts, RoundTrip
 
 # KEYS[1] = the namespace's sequence counter, KEYS[2] = its order hash; both carry the {ns} hash tag,
-# so this touches one cluster slot. Returns the image's sequence number, giving one only once (an
-# entry reads "<seq>" or, once decided, "<seq> <canonical>").
+# so this touches one cluster slot. ARGV = image ids, committed in this order. Returns each image's
+# sequence number, giving one only once (an entry reads "<seq>" or, once decided, "<seq> <canonical>").
 _COMMIT_LUA = """
-local entry = redis.call('HGET', KEYS[2], ARGV[1])
-if entry then return tonumber(string.match(entry, '^%d+')) end
-local seq = redis.call('INCR', KEYS[1])
-redis.call('HSET', KEYS[2], ARGV[1], seq)
-return seq
+local out = {}
+for i, image_id in ipairs(ARGV) do
+  local entry = redis.call('HGET', KEYS[2], image_id)
+  if entry then out[i] = tonumber(string.match(entry, '^%d+'))
+  else
+    out[i] = redis.call('INCR', KEYS[1])
+    redis.call('HSET', KEYS[2], image_id, out[i])
+  end
+end
+return out
 """
 
 
@@ -158,10 +163,20 @@ class IndexStore:
         return {"mih": mih, "vectors": vectors}
 
     def _queue_commit(self, pipe, images: list[ImageFeatures]) -> Finish:
-        for img in images:
-            queue_eval(pipe, _COMMIT_LUA, [self.keys.seq(img.namespace), self.keys.order(img.namespace)],
-                       [img.image_id])
-        return lambda replies: [int(s) for s in replies]
+        """One script run per namespace in the batch (it was one per image: a command each for Redis
+        and the client)."""
+        groups = _by_namespace(images)
+        for ns, idx in groups.items():
+            queue_eval(pipe, _COMMIT_LUA, [self.keys.seq(ns), self.keys.order(ns)], [images[i].image_id for i in idx])
+
+        def finish(replies: list) -> list[int]:
+            seqs = [0] * len(images)
+            for idx, committed in zip(groups.values(), replies):
+                for i, seq in zip(idx, committed):
+                    seqs[i] = int(seq)
+            return seqs
+
+        return finish
 
     def _query(self, images: list[ImageFeatures]) -> list[dict[str, Candidate]]:
         """SHA-256, pHash and vector lookups of the whole batch in one round trip."""
