@@ -91,3 +91,21 @@ def test_a_batch_over_two_namespaces_commits_each_in_batch_order_and_a_replay_ke
     assert seqs == [1, 1, 2, 2, 3]
     replay = store.index(images[::-1], store.records([(img.namespace, img.image_id) for img in images[::-1]]))
     assert [indexed.seq for indexed in replay] == seqs[::-1]
+
+
+def test_copies_in_one_batch_get_their_own_namespaces_candidates_when_looked_up_together(redis_client, make_settings):
+    """A batch's candidates are read once per namespace (one HMGET of every id its images found); each
+    copy still gets its own candidates' numbers and canonicals, and the namespaces stay apart."""
+    store = IndexStore(redis_client, make_settings(phash_radius=8))
+    base = 0x0123456789ABCDEF
+    store.index([ImageFeatures("a", "orig", "e-a", "0" * 64, base, False)], [None])
+    store.index([ImageFeatures("b", "root", "e-root", "1" * 64, base, False)], [None])
+    store.index([ImageFeatures("b", "orig", "e-b", "2" * 64, base, False)], [None])  # a copy of root
+    copies = [ImageFeatures(ns, f"copy{i}", f"e-{ns}{i}", f"{ns}{i}".ljust(64, "f"), base ^ (1 << i), False)
+              for ns in ("a", "b") for i in range(3)]
+    results = store.index(copies, [None] * 6)
+    assert [r.decision.duplicate_of for r in results] == ["orig"] * 3 + ["root"] * 3
+    for result, copy in zip(results, copies):
+        earlier = {c.image_id for c in copies if c.namespace == copy.namespace and c.image_id < copy.image_id}
+        own = {"orig"} if copy.namespace == "a" else {"root", "orig"}
+        assert {m["image_id"] for m in result.decision.matches} == own | earlier

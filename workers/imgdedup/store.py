@@ -236,25 +236,39 @@ class IndexStore:
 
     def _resolve(self, images: list[ImageFeatures], candidates: list[dict[str, Candidate]]) -> None:
         """Fill in each candidate's sequence number (None if uncommitted) and canonical original (None
-        if undecided or unique: itself): both live in the namespace's order hash, so one HMGET per image
-        with candidates.
+        if undecided or unique: itself): both live in the namespace's order hash, so one HMGET per
+        namespace of the batch, of every image id some image of it found.
         (Reading each candidate's record instead cost one command per candidate, ~10 per image when a
-        catalog holds many copies: the largest part of the worker's main-thread CPU.)"""
+        catalog holds many copies: the largest part of the worker's main-thread CPU. One HMGET per image
+        asked again for the ids that the batch's copies of one photo share.)"""
+        wanted: dict[str, dict[str, None]] = defaultdict(dict)  # namespace -> image ids, in first-seen order
+        for img, cands in zip(images, candidates):
+            wanted[img.namespace].update(dict.fromkeys(cands))
+        wanted = {ns: ids for ns, ids in wanted.items() if ids}
+        if not wanted:
+            return
         pipe = self.client.pipeline(transaction=False)
-        asked = [(img, cands) for img, cands in zip(images, candidates) if cands]
-        for img, cands in asked:
-            pipe.hmget(self.keys.order(img.namespace), list(cands))
-        for (_, cands), entries in zip(asked, pipe.execute() if asked else []):
-            for cand, entry in zip(cands.values(), entries):
-                cand.seq, cand.canonical = _order_entry(entry)
+        for ns, ids in wanted.items():
+            pipe.hmget(self.keys.order(ns), list(ids))
+        replies = pipe.execute()
+        entries = {ns: dict(zip(ids, map(_order_entry, found))) for (ns, ids), found in zip(wanted.items(), replies)}
+        for img, cands in zip(images, candidates):
+            for image_id, cand in cands.items():
+                cand.seq, cand.canonical = entries[img.namespace][image_id]
 
     def _save_decisions(self, images: list[ImageFeatures], results: list[Indexed]) -> None:
+        """Each record's decision, and in the order hash the canonical original of each duplicate (a
+        unique image is its own canonical: its entry stays "<seq>", bytes per image), one HSET per
+        namespace for those."""
         pipe = self.client.pipeline(transaction=False)
+        canonicals: dict[str, dict[str, str]] = defaultdict(dict)
         for img, res in zip(images, results):
             d = res.decision
             pipe.hset(self.keys.record(img.namespace, img.image_id), "decision", _compact_decision(d))
-            if d.duplicate_of:  # a unique image is its own canonical: its entry stays "<seq>" (bytes per image)
-                pipe.hset(self.keys.order(img.namespace), img.image_id, f"{res.seq} {d.duplicate_of}")
+            if d.duplicate_of:
+                canonicals[img.namespace][img.image_id] = f"{res.seq} {d.duplicate_of}"
+        for ns, entries in canonicals.items():
+            pipe.hset(self.keys.order(ns), mapping=entries)
         pipe.execute()
 
     def _embedders(self, images: list[ImageFeatures], idx: list[int]) -> list[str]:
