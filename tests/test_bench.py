@@ -154,6 +154,9 @@ def test_completion_bench_decides_every_event_from_cached_features(tmp_path):
     assert (tmp_path / "complete-bench-features-90.pickle").exists()
     (again,) = measure(90, rounds=1, out=tmp_path)  # from the cached features
     assert again.outcomes == passes[0].outcomes and again.redis_commands == passes[0].redis_commands
+    # batches of two decide the same; their per-batch scripts and lookups cost more commands per event
+    (small,) = measure(90, rounds=1, out=tmp_path, batch_size=2)
+    assert small.outcomes == passes[0].outcomes and small.redis_commands > passes[0].redis_commands
 
 
 def test_paced_quarters_split_latency_by_sending_order_and_cpu_by_answer_marks():

@@ -33,7 +33,8 @@ from imgdedup.extract import Prepared, extract
 from imgdedup.fetch import Fetcher
 from imgdedup.pipeline import InputRecord, Pending, Pipeline
 
-#: Events per `Pipeline.complete` call: the worker's default batch size.
+#: Events per `Pipeline.complete` call by default: the worker's default batch size (saturated). Below
+#: saturation a worker takes what has arrived: ~2 events per batch in the bench's paced runs.
 BATCH = 64
 
 
@@ -62,14 +63,15 @@ class Pass:
     redis_cpu_seconds: float
 
 
-def complete_once(pipeline: Pipeline, records: list[InputRecord], features: dict, redis_pid: int) -> Pass:
-    """One pass over the events on an empty Redis."""
+def complete_once(pipeline: Pipeline, records: list[InputRecord], features: dict, redis_pid: int,
+                  batch_size: int = BATCH) -> Pass:
+    """One pass over the events on an empty Redis, ``batch_size`` events per `Pipeline.complete`."""
     pipeline.client.flushall()
     outcomes: Counter = Counter()
     commands, redis_cpu = _redis_commands(pipeline.client), cpu_seconds(redis_pid)
     started = time.thread_time()
-    for start in range(0, len(records), BATCH):
-        batch = records[start:start + BATCH]
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
         parsed = [pipeline._parse(record) for record in batch]
         prepared = {}
         for i, event in enumerate(parsed):
@@ -86,7 +88,7 @@ def _redis_commands(client) -> int:
     return int(client.info("stats")["total_commands_processed"])
 
 
-def measure(images: int, rounds: int, out: Path) -> list[Pass]:
+def measure(images: int, rounds: int, out: Path, batch_size: int = BATCH) -> list[Pass]:
     """``rounds`` passes over the events of ``images`` files, each on an empty Redis of its own."""
     cache = out / "bench-variants"
     files = arrival_order(bench_files(sorted(corpus_dir().glob("*.jpg")), images, cache))
@@ -98,7 +100,8 @@ def measure(images: int, rounds: int, out: Path) -> list[Pass]:
         redis_server = devstack.start_redis(devstack.free_port(), Path(workdir) / "redis", persist=False)
         pipeline = Pipeline(settings.model_copy(update={"redis_url": SecretStr(redis_server.address)}), embedders=[])
         try:
-            return [complete_once(pipeline, records, features, redis_server.process.pid) for _ in range(rounds)]
+            return [complete_once(pipeline, records, features, redis_server.process.pid, batch_size)
+                    for _ in range(rounds)]
         finally:
             pipeline.close()
             redis_server.stop()
@@ -109,10 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=2418, help="distinct files: corpus plus variants (as the bench)")
     parser.add_argument("--rounds", type=int, default=8, help="passes over the events; min and median are printed")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="where the variants and features are cached")
+    parser.add_argument("--batch", type=int, default=BATCH, help="events per Pipeline.complete call")
     args = parser.parse_args(argv)
-    passes = measure(args.images, args.rounds, args.out)
+    passes = measure(args.images, args.rounds, args.out, args.batch)
     events = sum(passes[0].outcomes.values())
-    print(f"{events} events, batches of {BATCH}; outcomes {dict(sorted(passes[0].outcomes.items()))}; "
+    print(f"{events} events, batches of {args.batch}; outcomes {dict(sorted(passes[0].outcomes.items()))}; "
           f"Redis commands per event {passes[0].redis_commands / events:.2f}")
     for label, values in (("main-thread CPU", [p.cpu_seconds for p in passes]),
                           ("Redis CPU", [p.redis_cpu_seconds for p in passes])):
