@@ -47,9 +47,9 @@ class CommandPacker:
     With hiredis, redis-py's packer first rebuilds the arguments in a Python generator (to turn
     bytearray and memoryview into bytes) and then calls ``hiredis.pack_command``: 14 us for a record's
     17-argument HSET, against 3.7 us for ``hiredis.pack_command`` alone (ad hoc, Intel Xeon VM). The
-    worker sends ~12 such commands per image, so a command named by a one-word ``str`` goes to hiredis
-    directly; hiredis refuses (TypeError) exactly the argument types that need redis-py's conversion
-    or its DataError, and those take redis-py's path. ``fast=False`` keeps redis-py's path for every
+    worker sends ~7 such commands per image (plus a few per batch), so a command named by a one-word
+    ``str`` goes to hiredis directly; hiredis refuses (TypeError) exactly the argument types that need
+    redis-py's conversion or its DataError, and those take redis-py's path. ``fast=False`` keeps redis-py's path for every
     command: the bench's baseline."""
 
     def __init__(self, fast: bool = True):
