@@ -81,7 +81,8 @@ def complete_once(pipeline: Pipeline, records: list[InputRecord], features: dict
             messages.encode(output.message)
             outcomes[output.message.get("verdict", output.kind)] += 1
     spent = time.thread_time() - started
-    return Pass(outcomes, spent, _redis_commands(pipeline.client) - commands - 1, cpu_seconds(redis_pid) - redis_cpu)
+    commands = _redis_commands(pipeline.client) - commands - 1  # the INFO that read the first count
+    return Pass(outcomes, spent, commands, cpu_seconds(redis_pid) - redis_cpu)
 
 
 def _redis_commands(client) -> int:
@@ -89,7 +90,7 @@ def _redis_commands(client) -> int:
 
 
 def measure(images: int, rounds: int, out: Path, batch_size: int = BATCH) -> list[Pass]:
-    """``rounds`` passes over the events of ``images`` files, each on an empty Redis of its own."""
+    """``rounds`` passes over the events of ``images`` files, on a Redis of its own emptied before each."""
     cache = out / "bench-variants"
     files = arrival_order(bench_files(sorted(corpus_dir().glob("*.jpg")), images, cache))
     settings = load_settings(file_roots=[corpus_dir(), cache], sscd_enabled=False, decode_processes=0)
