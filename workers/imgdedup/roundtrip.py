@@ -49,8 +49,8 @@ class CommandPacker:
     17-argument HSET, against 3.7 us for ``hiredis.pack_command`` alone (ad hoc, Intel Xeon VM). The
     worker sends ~7 such commands per image (plus a few per batch), so a command named by a one-word
     ``str`` goes to hiredis directly; hiredis refuses (TypeError) exactly the argument types that need
-    redis-py's conversion or its DataError, and those take redis-py's path. ``fast=False`` keeps redis-py's path for every
-    command: the bench's baseline."""
+    redis-py's conversion or its DataError, and those take redis-py's path. ``fast=False`` keeps
+    redis-py's path for every command: the bench's baseline."""
 
     def __init__(self, fast: bool = True):
         self._default = (HiredisRespSerializer() if HIREDIS_AVAILABLE
